@@ -1,0 +1,147 @@
+"""Prox losses of COMAL (Liu et al., "COMAL: A Convergent Meta-Algorithm for Aligning LLMs with General
+Preferences", arXiv 2410.23223), as specified in shared/spec/COMAL.md section 4. Plain PyTorch: nothing here
+knows OpenRLHF.
+
+Each loss trains the policy pi towards one inner step of the regularised game (COMAL.md section 2)
+
+    mu_{k+1}(y)  ~  mu_k(y)^(1 - eta*tau) * ref(y)^(eta*tau) * exp(eta * P(y > mu_k))
+
+with beta = 1/eta and r = eta*tau in [0, 1). All losses are written against the prox centre
+
+    log C(y) = (1 - r) log mu(y) + r log ref(y)
+
+where mu is the last iterate (the sampling policy) and ref the anchor that COMAL advances every K iterations.
+With r = 0 the centre is mu (iterative self-play), and passing OpenRLHF's reference log-probs as mu makes ``dpo``
+and ``ipo`` exactly OpenRLHF's DPOLoss (tests/test_losses.py). Inputs are per-pair sequence log-probs;
+h = Delta_pi - Delta_C with Delta_X = log X(y_w) - log X(y_l).
+"""
+
+import torch
+import torch.nn.functional as F
+
+PROX_LOSSES = ("ipo", "dpo", "sppo", "rebel")
+NEEDS_WIN_RATES = {"sppo", "rebel"}
+
+
+def prox_centre(mu: torch.Tensor, ref: torch.Tensor, r: float) -> torch.Tensor:
+    """log C = (1 - r) log mu + r log ref (COMAL.md section 4), on log-prob tensors.
+
+    C is a geometric mixture and is unnormalised when r > 0 and mu != ref; the pair losses only see differences,
+    so the missing log-partition cancels for them (not for sppo).
+    """
+    return (1 - r) * mu + r * ref
+
+
+def ipo_loss(h: torch.Tensor, beta: float, soft_label: torch.Tensor | None = None) -> torch.Tensor:
+    """IPO prox loss (COMAL.md section 4; Azar et al. 2023 Eq. 17 with the prox centre as reference).
+
+    hard: (h - c)^2,  c = 1/(2 beta)
+    soft: p (h - c)^2 + (1 - p)(h + c)^2,  p = soft_label = P(y_w > y_l)
+
+    The soft form is the expectation of the hard form over the label, so both have the same minimiser; with pairs
+    y, y' ~ mu it is the exact inner step for any preference P. Returns the per-pair loss (no reduction).
+    """
+    c = 1 / (2 * beta)
+    if soft_label is None:
+        return (h - c) ** 2
+    return soft_label * (h - c) ** 2 + (1 - soft_label) * (h + c) ** 2
+
+
+def dpo_loss(
+    h: torch.Tensor, beta: float, label_smoothing: float = 0.0, soft_label: torch.Tensor | None = None
+) -> torch.Tensor:
+    """DPO prox loss (COMAL.md section 4; Rafailov et al. 2023 Eq. 7, label smoothing as in OpenRLHF's DPOLoss).
+
+    hard: -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)
+    soft: -p log sigmoid(beta h) - (1 - p) log sigmoid(-beta h),  p = soft_label (label_smoothing is then unused)
+
+    Not an exact prox of the win rate: under Bradley-Terry P = sigmoid(r_i - r_j) the minimiser is C exp(r/beta),
+    the prox of the reward. Returns the per-pair loss (no reduction).
+    """
+    p = 1 - label_smoothing if soft_label is None else soft_label
+    return -p * F.logsigmoid(beta * h) - (1 - p) * F.logsigmoid(-beta * h)
+
+
+def sppo_loss(rw: torch.Tensor, rl: torch.Tensor, p_w: torch.Tensor, p_l: torch.Tensor, beta: float) -> torch.Tensor:
+    """SPPO prox loss (COMAL.md section 4; Wu et al. 2024, self-play preference optimisation).
+
+    1/2 [(rw - (p_w - 1/2)/beta)^2 + (rl - (p_l - 1/2)/beta)^2],  rw = log pi(y_w) - log C(y_w), rl likewise,
+
+    p_w, p_l = win rates P(y > mu). It regresses log pi/C itself, so it assumes a zero log-partition: approximate,
+    with an error that shrinks as beta grows when r = 0, and a floor when r > 0 (C unnormalised). Per pair.
+    """
+    return 0.5 * ((rw - (p_w - 0.5) / beta) ** 2 + (rl - (p_l - 0.5) / beta) ** 2)
+
+
+def rebel_loss(h: torch.Tensor, p_w: torch.Tensor, p_l: torch.Tensor, beta: float) -> torch.Tensor:
+    """REBEL prox loss (COMAL.md section 4; Gao et al. 2024, regression of relative rewards).
+
+    (h - (p_w - p_l)/beta)^2,  p_w, p_l = win rates P(y > mu).
+
+    Exact prox step: the target is a difference of a per-response score, so the log-partition cancels. Per pair.
+    """
+    return (h - (p_w - p_l) / beta) ** 2
+
+
+class ProxLoss(torch.nn.Module):
+    """The COMAL prox loss behind OpenRLHF's DPOLoss call contract, plus the last iterate mu and win rates.
+
+    ``kind`` is one of PROX_LOSSES, ``beta`` = 1/eta (settable between rounds by a beta schedule), ``ref_weight``
+    = r = eta*tau in [0, 1). ``forward`` returns (loss, chosen_reward, rejected_reward) where the rewards are
+    beta * (log pi - log C) of each side, i.e. OpenRLHF's DPO rewards with the prox centre as the reference.
+    ``soft_label`` (ipo, dpo) replaces the hard label y_w > y_l; sppo and rebel read the win rates ``p_w``, ``p_l``
+    instead. With ``weight`` the loss is the weighted mean sum(w * l) / sum(w).
+    """
+
+    def __init__(self, kind: str, beta: float, ref_weight: float = 0.0, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if kind not in PROX_LOSSES:
+            raise ValueError(f"unknown prox loss {kind!r}; choose one of {', '.join(PROX_LOSSES)}")
+        if not 0.0 <= ref_weight < 1.0:
+            raise ValueError(f"ref_weight r = eta*tau must lie in [0, 1), got {ref_weight}")
+        self.kind = kind
+        self.beta = beta
+        self.ref_weight = ref_weight
+        self.label_smoothing = label_smoothing
+
+    @property
+    def beta(self) -> float:
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"beta must be > 0, got {value}")
+        self._beta = float(value)
+
+    def forward(
+        self,
+        pi_w: torch.Tensor,
+        pi_l: torch.Tensor,
+        mu_w: torch.Tensor,
+        mu_l: torch.Tensor,
+        ref_w: torch.Tensor,
+        ref_l: torch.Tensor,
+        p_w: torch.Tensor | None = None,
+        p_l: torch.Tensor | None = None,
+        soft_label: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        beta, r = self.beta, self.ref_weight
+        rw = pi_w - prox_centre(mu_w, ref_w, r)
+        rl = pi_l - prox_centre(mu_l, ref_l, r)
+        h = rw - rl
+        if self.kind in NEEDS_WIN_RATES and (p_w is None or p_l is None):
+            raise ValueError(f"prox loss {self.kind!r} needs the win rates p_w and p_l of both responses")
+
+        if self.kind == "ipo":
+            losses = ipo_loss(h, beta, soft_label)
+        elif self.kind == "dpo":
+            losses = dpo_loss(h, beta, self.label_smoothing, soft_label)
+        elif self.kind == "sppo":
+            losses = sppo_loss(rw, rl, p_w, p_l, beta)
+        else:
+            losses = rebel_loss(h, p_w, p_l, beta)
+
+        loss = losses.mean() if weight is None else (losses * weight).sum() / weight.sum()
+        return loss, beta * rw.detach(), beta * rl.detach()
