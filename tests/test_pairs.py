@@ -1,0 +1,120 @@
+"""Pair building on hand-made win matrices (table judges), with the win-rate arithmetic written out."""
+
+import numpy as np
+import pytest
+
+from comal_openrlhf.judges.base import Judge
+from comal_openrlhf.judges.table import TableJudge
+from comal_openrlhf.pairs import RULES, Pair, build_pairs, win_matrix
+
+# P[i][j] = P(i beats j) over w, x, y, z
+P4 = [
+    [0.5, 0.6, 0.8, 0.9],
+    [0.4, 0.5, 0.7, 0.6],
+    [0.2, 0.3, 0.5, 0.55],
+    [0.1, 0.4, 0.45, 0.5],
+]
+JUDGE = TableJudge(P4, ["w", "x", "y", "z"])
+# one sample of each: winrate_i = (sum_j P[i][j] - 1/2) / 3
+#   w: (0.6 + 0.8 + 0.9) / 3 = 0.7667   x: (0.4 + 0.7 + 0.6) / 3 = 0.5667
+#   y: (0.2 + 0.3 + 0.55) / 3 = 0.35    z: (0.1 + 0.4 + 0.45) / 3 = 0.3167
+WINRATE = {"w": 2.3 / 3, "x": 1.7 / 3, "y": 1.05 / 3, "z": 0.95 / 3}
+
+
+class CountingJudge(Judge):
+    """Wraps a judge and records the batch size of every call."""
+
+    def __init__(self, inner):
+        self.inner, self.calls, self.name = inner, [], "counting"
+
+    def _prob(self, prompts, a, b):
+        self.calls.append(len(prompts))
+        return self.inner.prob(prompts, a, b)
+
+
+def test_win_matrix():
+    W = win_matrix(JUDGE, "q", ["z", "w", "y"])
+    np.testing.assert_allclose(W, [[0.5, 0.1, 0.45], [0.9, 0.5, 0.8], [0.55, 0.2, 0.5]], atol=1e-12)
+    np.testing.assert_allclose(W + W.T, 1.0)
+
+
+@pytest.mark.parametrize("rule, chosen, rejected", [("top2", "w", "x"), ("best_worst", "w", "z")])
+def test_hard_rules(rule, chosen, rejected):
+    pairs, stats = build_pairs([("q", ["y", "z", "x", "w"])], JUDGE, rule)
+    assert pairs == [
+        Pair("q", chosen, rejected, 1.0, pytest.approx(WINRATE[chosen]), pytest.approx(WINRATE[rejected]))
+    ]
+    assert stats.pairs == 1 and stats.judge_calls == 12  # 6 unordered pairs, both orders
+
+
+def test_all_soft_labels_are_judge_probabilities():
+    pairs, stats = build_pairs([("q", ["z", "w", "y"])], JUDGE, "all_soft")
+    got = {(p.chosen, p.rejected): p.soft_label for p in pairs}
+    assert got == {("w", "z"): pytest.approx(0.9), ("y", "z"): pytest.approx(0.55), ("w", "y"): pytest.approx(0.8)}
+    assert stats.pairs == 3
+
+
+def test_duplicates_invalid_and_dropped_prompts():
+    groups = [
+        ("q1", ["x", "w", "x", "x", "   ", None, ""]),  # 3 invalid; x x x -> one x (2 merged)
+        ("q2", ["y", "y", "\n"]),  # one distinct valid response: dropped
+        ("q3", [None, ""]),  # none valid: dropped
+        ("q4", ["z", "y"]),
+    ]
+    judge = CountingJudge(JUDGE)
+    pairs, stats = build_pairs(groups, judge, "top2")
+    assert stats.as_dict() == {
+        "prompts": 4,
+        "prompts_dropped": 2,
+        "responses": 14,
+        "invalid_responses": 6,
+        "duplicates_merged": 3,
+        "pairs": 2,
+        "judge_calls": 4,  # one unordered pair in q1 and one in q4, both orders
+    }
+    assert judge.calls == [4]  # every prompt in one batched call
+    # q1 samples: x, w, x, x (N = 4). Duplicates count as in mu_k, a copy of itself ties at 1/2:
+    #   w: 3 * P(w>x) / 3 = 0.6;   x: (P(x>w) + 2 * 0.5) / 3 = 1.4 / 3
+    assert (pairs[0].chosen, pairs[0].rejected) == ("w", "x")
+    assert pairs[0].chosen_winrate == pytest.approx(0.6) and pairs[0].rejected_winrate == pytest.approx(1.4 / 3)
+    assert (pairs[1].prompt, pairs[1].chosen, pairs[1].rejected) == ("q4", "y", "z")
+
+
+def test_sampled_follows_counts_and_judge_probability():
+    # samples w, w, x, y: unordered pairs drawn with weight c_i c_j: {w,x} 2, {w,y} 2, {x,y} 1 -> 0.4, 0.4, 0.2;
+    # within a pair the chosen one is drawn with the judge probability, e.g. P(w beats x) = 0.6
+    n = 4000
+    pairs, stats = build_pairs(
+        [("q", ["w", "w", "x", "y"])], JUDGE, "sampled", np.random.default_rng(0), pairs_per_prompt=n
+    )
+    assert stats.pairs == n and all(p.soft_label == 1.0 and p.chosen != p.rejected for p in pairs)
+    freq = {}
+    for p in pairs:
+        key = frozenset((p.chosen, p.rejected))
+        freq.setdefault(key, []).append(p.chosen)
+    expect = {("w", "x"): (0.4, 0.6), ("w", "y"): (0.4, 0.8), ("x", "y"): (0.2, 0.7)}
+    for (u, v), (share, p_win) in expect.items():
+        chosen = freq[frozenset((u, v))]
+        # binomial standard errors are below 0.01 (share) and 0.02 (win): 0.05 is a loose bound
+        assert abs(len(chosen) / n - share) < 0.05
+        assert abs(np.mean([c == u for c in chosen]) - p_win) < 0.05
+
+
+def test_single_order_keeps_position_bias():
+    class Biased(Judge):
+        name = "biased"
+
+        def _prob(self, prompts, a, b):
+            return JUDGE.prob(prompts, a, b) + 0.1  # whoever sits in position a gets +0.1
+
+    assert win_matrix(Biased(), "q", ["w", "x"], both_orders=False)[0, 1] == pytest.approx(0.7)
+    # (p(w, x) + 1 - p(x, w)) / 2 = (0.7 + 1 - 0.5) / 2 = 0.6 = P(w > x)
+    assert win_matrix(Biased(), "q", ["w", "x"])[0, 1] == pytest.approx(0.6)
+
+
+def test_bad_rule_and_missing_rng():
+    assert RULES == ("top2", "best_worst", "sampled", "all_soft")
+    with pytest.raises(ValueError, match="unknown pair rule"):
+        build_pairs([("q", ["w", "x"])], JUDGE, "best_of_n")
+    with pytest.raises(ValueError, match="needs rng"):
+        build_pairs([("q", ["w", "x"])], JUDGE, "sampled")
