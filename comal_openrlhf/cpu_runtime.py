@@ -1,0 +1,190 @@
+"""Run OpenRLHF 0.11.2's DPO path on a machine without CUDA.
+
+OpenRLHF assumes CUDA in six places (see shared/spec/OPENRLHF.md, "Running on a CPU-only machine"). ``apply()``
+handles each one, and does nothing at all when ``torch.cuda.is_available()``:
+
+1. ``openrlhf.models`` imports ``flash_attn.bert_padding`` / ``flash_attn.utils.distributed`` at import time. When
+   flash-attn cannot be imported (no CUDA extension) a stand-in package with a real ``__spec__`` is registered
+   (transformers calls ``importlib.util.find_spec("flash_attn")`` and rejects ``__spec__ = None``). Its functions are
+   only reached with ``--ds.packing_samples``, which needs flash attention and is refused on CPU.
+2. A plain ``python -m`` launch gets LOCAL_RANK/RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or DeepSpeed would try MPI
+   discovery.
+3. ``torch.cuda.set_device/synchronize/current_device/empty_cache`` (which can only raise on such a machine) become
+   CPU no-ops, and ``init_device_mesh("cuda", ...)`` in the strategy builds a CPU mesh.
+4. flash-attn's Triton cross entropy, which ``log_probs_from_logits`` prefers when it imports, is not importable
+   from the stand-in, so OpenRLHF falls back to gather + chunked logsumexp.
+5. DeepSpeed would JIT-compile ``deepspeed_shm_comm`` and ``fused_adam`` with g++ (minutes): the shm op is marked
+   incompatible (gloo is used) and AdamW runs as ``torch.optim.AdamW``; TORCH_EXTENSIONS_DIR points at a
+   project-local folder so nothing is written to a shared cache.
+6. ``--ds.attn_implementation flash_attention_*`` becomes ``sdpa`` and ``--ds.param_dtype fp16`` becomes bf16
+   (fp16 is refused by DeepSpeed on CPU), each with a printed note; ``--ds.packing_samples`` is a clear error.
+
+The plugin's entry points (``openrlhf.cli.train_comal``, ``python -m comal_openrlhf.run``) call ``apply()``;
+users never do.
+"""
+
+import importlib.machinery
+import importlib.util
+import os
+import socket
+import sys
+import types
+
+_APPLIED = False
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _set_single_process_env():
+    """Point 2: a plain ``python`` launch is a world of one process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return  # torchrun / deepspeed launcher already set the rendezvous
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def _flash_attn_missing(*_args, **_kwargs):
+    raise RuntimeError(
+        "flash-attn is not usable on this machine (no CUDA): sample packing (--ds.packing_samples) and ring "
+        "attention need it. Run without --ds.packing_samples on CPU."
+    )
+
+
+def _install_flash_attn_stand_in():
+    """Point 1 (and 4): register importable ``flash_attn`` modules that never reach CUDA."""
+    try:
+        import flash_attn.bert_padding  # noqa: F401
+        import flash_attn.utils.distributed  # noqa: F401
+
+        return  # a working flash-attn (or an earlier stand-in) is there
+    except Exception:  # ImportError, or a CUDA-less build failing on its extension
+        for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+            del sys.modules[name]
+
+    from einops import rearrange
+
+    def module(name, is_package=False, **attrs):
+        mod = types.ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, loader=None, is_package=is_package)
+        if is_package:
+            mod.__path__ = []  # no search path: flash_attn.ops.* stays unimportable (point 4)
+        mod.__dict__.update(attrs)
+        mod.__comal_stand_in__ = True
+        sys.modules[name] = mod
+        return mod
+
+    # transformers reads flash_attn.__version__ when it decides what is available
+    root = module("flash_attn", is_package=True, __version__="0.0.0+cpu-stand-in")
+    root.bert_padding = module(
+        "flash_attn.bert_padding",
+        rearrange=rearrange,
+        index_first_axis=_flash_attn_missing,
+        pad_input=_flash_attn_missing,
+        unpad_input=_flash_attn_missing,
+    )
+    root.utils = module("flash_attn.utils", is_package=True)
+    root.utils.distributed = module("flash_attn.utils.distributed", all_gather=_flash_attn_missing)
+
+
+def _patch_torch_cuda():
+    """Point 3: CUDA bookkeeping calls become no-ops; ``current_device`` names the CPU."""
+    import torch
+
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda *a, **k: None
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+
+def _patch_deepspeed():
+    """Point 5: no g++ builds. Gloo instead of the shm op, torch AdamW instead of fused_adam."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = here if os.access(here, os.W_OK) else os.path.join(os.path.expanduser("~"), ".cache", "comal_openrlhf")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(root, ".torch_extensions"))
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def adapt_args(args):
+    """Point 6: settings that cannot work without CUDA are changed (with a note) or refused."""
+    ds = args.ds
+    if getattr(ds, "packing_samples", False):
+        raise SystemExit("[comal cpu] --ds.packing_samples needs flash-attn on CUDA; drop it on a CPU-only machine.")
+    if getattr(ds, "ring_attn_size", 1) > 1:
+        raise SystemExit("[comal cpu] --ds.ring_attn_size > 1 needs flash-attn on CUDA.")
+    attn = getattr(ds, "attn_implementation", "sdpa")
+    if attn and ("flash" in attn or attn.startswith("kernels-community")):
+        print(f"[comal cpu] --ds.attn_implementation {attn} needs CUDA; using sdpa.")
+        ds.attn_implementation = "sdpa"
+    if getattr(ds, "param_dtype", "bf16") == "fp16":
+        print("[comal cpu] --ds.param_dtype fp16 is not supported by DeepSpeed on CPU; using bf16.")
+        ds.param_dtype = "bf16"
+    if getattr(ds, "adam_offload", False):
+        print("[comal cpu] --ds.adam_offload has no meaning without a GPU; ignored.")
+        ds.adam_offload = False
+    return args
+
+
+def _patch_openrlhf_strategy():
+    """Points 3, 5, 6 inside OpenRLHF's DeepspeedStrategy."""
+    import torch.distributed.device_mesh as dm
+
+    import openrlhf.utils.deepspeed.deepspeed as ds_mod
+
+    strategy_cls = ds_mod.DeepspeedStrategy
+    if getattr(strategy_cls, "_comal_cpu_patched", False):
+        return
+
+    ds_mod.init_device_mesh = lambda _device_type, *a, **k: dm.init_device_mesh("cpu", *a, **k)
+
+    original_init = strategy_cls.__init__
+
+    def __init__(self, *a, **k):
+        original_init(self, *a, **k)
+        adapt_args(self.args)
+        self.param_dtype = self.args.ds.param_dtype
+        self.adam_offload = False
+
+    original_train_config = strategy_cls.get_ds_train_config
+
+    def get_ds_train_config(self, optim_dict=None, **k):
+        if optim_dict is not None and optim_dict.get("type") == "AdamW":
+            optim_dict = {**optim_dict, "params": {**optim_dict["params"], "torch_adam": True}}
+        return original_train_config(self, optim_dict, **k)
+
+    strategy_cls.__init__ = __init__
+    strategy_cls.get_ds_train_config = get_ds_train_config
+    strategy_cls._comal_cpu_patched = True
+
+
+def apply(force: bool = False) -> bool:
+    """Make OpenRLHF's DPO path run on CPU. Returns True when the CPU runtime is active.
+
+    A no-op when CUDA is available (unless ``force``, for tests), and idempotent.
+    """
+    global _APPLIED
+    if _APPLIED:
+        return True
+    if cuda_available() and not force:
+        return False
+    _set_single_process_env()
+    _install_flash_attn_stand_in()
+    _patch_torch_cuda()
+    _patch_deepspeed()
+    _patch_openrlhf_strategy()
+    _APPLIED = True
+    return True
