@@ -1,0 +1,82 @@
+"""Moving weights between the policy and the anchor reference under DeepSpeed ZeRO 0, 2 and 3.
+
+The reference advance of COMAL (ref <- pi every K iterations, COMAL.md section 2) is a parameter copy. Under ZeRO 0
+and 2 every rank holds full parameters and copies locally. Under ZeRO-3 parameters are partitioned: each copy sits
+inside ``deepspeed.zero.GatheredParameters([p, q], modifier_rank=0)`` so rank 0's write is re-partitioned to every
+rank; without ``modifier_rank`` the write is silently lost (OPENRLHF.md).
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def _is_zero3(param):
+    return hasattr(param, "ds_id")
+
+
+def _rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def unwrap(model):
+    """The HF module inside an OpenRLHF Actor / DeepSpeed engine."""
+    model = getattr(model, "model", model)  # Actor -> engine or HF model
+    return getattr(model, "module", model)  # engine -> HF model
+
+
+@torch.no_grad()
+def copy_weights(src, dst):
+    """dst <- src, parameter by parameter (names must match: same architecture, no LoRA adapters)."""
+    src_params = dict(unwrap(src).named_parameters())
+    for name, q in unwrap(dst).named_parameters():
+        p = src_params.get(name)
+        if p is None:
+            raise KeyError(f"reference parameter {name} has no counterpart in the policy")
+        if _is_zero3(p) or _is_zero3(q):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p, q], modifier_rank=0):
+                if _rank() == 0:
+                    q.data.copy_(p.data)
+        else:
+            q.data.copy_(p.data)
+
+
+@torch.no_grad()
+def state_dict_on_rank0(model):
+    """Full parameters on rank 0 (CPU tensors); an empty dict elsewhere. Gathers ZeRO-3 partitions one by one."""
+    out = {}
+    for name, p in unwrap(model).named_parameters():
+        if _is_zero3(p):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p]):
+                if _rank() == 0:
+                    out[name] = p.data.detach().cpu().clone()
+        elif _rank() == 0:
+            out[name] = p.data.detach().cpu().clone()
+    return out
+
+
+@torch.no_grad()
+def load_weights(model, state):
+    """Write a full state dict (read on every rank) into the model in place, ZeRO-3 aware."""
+    for name, q in unwrap(model).named_parameters():
+        if name not in state:
+            raise KeyError(f"anchor file lacks parameter {name}")
+        if _is_zero3(q):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([q], modifier_rank=0):
+                if _rank() == 0:
+                    q.data.copy_(state[name])
+        else:
+            q.data.copy_(state[name])
+
+
+def atomic_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,190 @@
+"""``python -m openrlhf.cli.train_comal`` end to end on CPU (issue 3): flags, advances under ZeRO 0/2/3, resume
+after SIGKILL, bad input. Tiny Llama + tokenizer built locally."""
+
+import ast
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from _util import read_scalars, run_cmd, torchrun, write_jsonl
+
+FLAGS = [
+    "--train.micro_batch_size", "2",
+    "--train.batch_size", "4",
+    "--adam.lr", "1e-3",
+    "--model.beta", "1.0",
+    "--data.prompt_key", "prompt",
+    "--data.max_len", "64",
+    "--logger.logging_steps", "1",
+]  # fmt: skip
+ROW = {"prompt": "question pick one ?", "chosen": "yes good", "rejected": "no bad"}
+
+
+def make_pairs_dir(path, iterations, n=8, rows=None):
+    os.makedirs(path, exist_ok=True)
+    for k in range(iterations):
+        write_jsonl(os.path.join(path, f"iter_{k:03d}.jsonl"), rows or [ROW] * n)
+    return str(path)
+
+
+def comal_cmd(launcher, model, out, *extra):
+    cmd = launcher + ["-m", "openrlhf.cli.train_comal", "--model.model_name_or_path", model]
+    cmd += FLAGS + ["--ckpt.output_dir", str(out / "final"), "--ckpt.path", str(out / "ckpt")]
+    return cmd + ["--logger.tensorboard_dir", str(out / "tb")] + [str(x) for x in extra]
+
+
+def history(out):
+    with open(out / "final" / "comal_iterations.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+# ------------------------------------------------------------------------------------------------- flags
+
+
+def _upstream_flags():
+    """Option -> (default, kwargs source) read straight from train_dpo's source, independently of the plugin."""
+    spec = importlib.util.find_spec("openrlhf.cli.train_dpo")
+    tree = ast.parse(open(spec.origin).read())
+    flags = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            opts = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            kw = {k.arg: k.value for k in node.keywords}
+            try:
+                default = ast.literal_eval(kw["default"]) if "default" in kw else None
+            except ValueError:
+                default = "<expr>"  # e.g. the wandb run name built from the clock
+            for o in opts:
+                flags[o] = (default, ast.unparse(kw["action"]) if "action" in kw else None)
+    return flags
+
+
+def test_accepts_every_train_dpo_flag_with_the_same_default():
+    from comal_openrlhf.cli.train_comal import build_parser
+
+    upstream = _upstream_flags()
+    assert len(upstream) > 80  # the AST walk found train_dpo's parser
+    actions = build_parser()._option_string_actions
+    changed = {"--logger.wandb.project", "--ckpt.path"}  # COMAL's own run name and checkpoint folder
+    for opt, (default, action) in upstream.items():
+        assert opt in actions, f"train_comal lacks train_dpo's {opt}"
+        if default != "<expr>" and opt not in changed and opt != "--muon.no_nesterov":
+            got = actions[opt].default
+            assert (list(got) if isinstance(got, tuple) else got) == (
+                list(default) if isinstance(default, tuple) else default
+            ), opt
+    assert actions["--ckpt.path"].default == "./ckpt/checkpoints_comal"
+
+
+def test_help_groups_and_explains_comal_flags(tmp_path):
+    p = run_cmd([sys.executable, "-m", "openrlhf.cli.train_comal", "--help"], cwd=str(tmp_path))
+    assert "COMAL:" in p.stdout and "--comal.ref_update_interval" in p.stdout and "--model.beta" in p.stdout
+    assert "anchor reference takes the policy" in p.stdout
+
+
+# ------------------------------------------------------------------------------ training + advances
+
+
+@pytest.mark.parametrize("nproc, zero", [(1, 0), (1, 2), (2, 3)])
+def test_offline_comal_advances_reference_under_each_zero_stage(tmp_path, tiny_model, nproc, zero):
+    pairs = make_pairs_dir(tmp_path / "pairs", 2)
+    launcher = torchrun(nproc) if nproc > 1 else [sys.executable]
+    cmd = comal_cmd(launcher, tiny_model, tmp_path, "--comal.pairs_dir", pairs, "--comal.algo", "comal")
+    run_cmd(cmd + ["--comal.ref_update_interval", "1", "--ds.zero_stage", str(zero)], cwd=str(tmp_path))
+    h = history(tmp_path)
+    assert [r["iteration"] for r in h] == [0, 1]
+    assert all(r["advanced"] for r in h) and [r["anchor_version"] for r in h] == [1, 2]
+    # right after ref <- pi both give the same sequence log-probs (fp32 sums of identical bf16 computations)
+    assert all(r["advance_max_abs_diff"] <= 1e-5 for r in h), h
+    # iteration 1 starts from the advanced anchor: mu_1 == ref, so their cached log-probs agree
+    assert abs(h[1]["logratio_mu_to_anchor"]) < 1e-5
+    assert h[0]["margin"] > 0  # the policy learned to prefer the chosen responses
+    losses = read_scalars(str(tmp_path / "tb"), "train/loss")
+    assert len(losses) == 4 and all(v == v for v in losses)
+    assert len(read_scalars(str(tmp_path / "tb"), "iter/advanced")) == 2
+    assert os.path.exists(tmp_path / "final" / "config.json")
+
+
+def test_unchanged_train_dpo_launch_runs_as_one_dpo_iteration(tmp_path, tiny_model, dpo_jsonl):
+    p = run_cmd(comal_cmd([sys.executable], tiny_model, tmp_path, "--data.dataset", dpo_jsonl), cwd=str(tmp_path))
+    assert "running iter-dpo" in p.stdout
+    h = history(tmp_path)
+    assert len(h) == 1 and h[0]["pairs"] == 16 and not h[0]["advanced"]
+
+
+# -------------------------------------------------------------------------------------------- resume
+
+
+def test_sigkill_mid_iteration_then_resume(tmp_path, tiny_model):
+    pairs = make_pairs_dir(tmp_path / "pairs", 3, n=16)
+    cmd = comal_cmd([sys.executable], tiny_model, tmp_path, "--comal.pairs_dir", pairs, "--comal.algo", "comal")
+    cmd += ["--comal.ref_update_interval", "1", "--ckpt.save_steps", "2", "--train.max_epochs", "2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "checkpoint saved (step): iteration 1" in line:
+            proc.send_signal(signal.SIGKILL)  # in the middle of iteration 1 (8 micro-steps per epoch, 2 epochs)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    assert [r["iteration"] for r in history(tmp_path)] == [0]
+
+    p = run_cmd(cmd + ["--ckpt.load_enable"], cwd=str(tmp_path))
+    assert "resumed: iteration 1, micro-step" in p.stdout and "anchor v1" in p.stdout
+    assert "resume check: anchor log-probs match the cache" in p.stdout
+    h = history(tmp_path)
+    assert [r["iteration"] for r in h] == [0, 1, 2]  # none lost, none run twice
+    assert [r["anchor_version"] for r in h] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def _fails(cmd, cwd):
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    return p.stdout + p.stderr
+
+
+def test_missing_key_and_broken_json_name_file_and_line(tmp_path, tiny_model):
+    bad = tmp_path / "bad"
+    make_pairs_dir(bad, 1, rows=[ROW, ROW, {"prompt": "question ?", "chosen": "yes"}])
+    out = _fails(comal_cmd([sys.executable], tiny_model, tmp_path, "--comal.pairs_dir", bad), str(tmp_path))
+    assert "iter_000.jsonl:3" in out and "missing key" in out and "rejected" in out
+    with open(bad / "iter_000.jsonl", "a") as f:
+        f.write('{"prompt": "x", \n')
+    (bad / "iter_000.jsonl").write_text(json.dumps(ROW) + "\n" + '{"prompt": "x",\n')
+    out = _fails(comal_cmd([sys.executable], tiny_model, tmp_path, "--comal.pairs_dir", bad), str(tmp_path))
+    assert "iter_000.jsonl:2" in out and "not valid JSON" in out
+
+
+def test_bad_rows_are_counted_skips_reported_in_log(tmp_path, tiny_model):
+    long_prompt = " ".join(["question"] * 80)
+    rows = [ROW] * 8 + [
+        {**ROW, "chosen": "  "},
+        {**ROW, "rejected": 3},
+        {**ROW, "chosen": "no bad"},
+        {**ROW, "prompt": long_prompt},
+    ]
+    pairs = make_pairs_dir(tmp_path / "pairs", 1, rows=rows)
+    p = run_cmd(comal_cmd([sys.executable], tiny_model, tmp_path, "--comal.pairs_dir", pairs), cwd=str(tmp_path))
+    assert "8 pairs kept" in p.stdout and "iter_000.jsonl:9" in p.stdout
+    h = history(tmp_path)[0]
+    assert h["pairs"] == 8
+    assert h["skipped_empty_response"] == 1 and h["skipped_non-string_rejected"] == 1
+    assert h["skipped_chosen_==_rejected"] == 1 and h["skipped_prompt_longer_than_--data.max_len_64"] == 1
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_model):
+    pairs = make_pairs_dir(tmp_path / "pairs", 2, n=16)
+    cmd = comal_cmd([sys.executable], tiny_model, tmp_path, "--comal.pairs_dir", pairs, "--comal.algo", "comal")
+    cmd += ["--adam.lr", "1e30", "--lr_scheduler", "constant"]
+    out = _fails(cmd, str(tmp_path))
+    assert "non-finite loss" in out and "last good checkpoint" in out
