@@ -141,9 +141,8 @@ def adapt_args(args):
 
 def _patch_openrlhf_strategy():
     """Points 3, 5, 6 inside OpenRLHF's DeepspeedStrategy."""
-    import torch.distributed.device_mesh as dm
-
     import openrlhf.utils.deepspeed.deepspeed as ds_mod
+    import torch.distributed.device_mesh as dm
 
     strategy_cls = ds_mod.DeepspeedStrategy
     if getattr(strategy_cls, "_comal_cpu_patched", False):

@@ -48,6 +48,7 @@ class PairRow:
     rejected_winrate: float = float("nan")
     soft_label: float = 1.0
     origin: str = ""
+    weight: float = 1.0  # weight of the pair in the loss's weighted mean (all_soft pairs)
 
 
 @dataclass
@@ -155,7 +156,9 @@ class RowFormatter:
         if n_prompt >= self.max_len - 2:
             skips.skip(f"prompt longer than --data.max_len {self.max_len}", origin)
             return None
-        n_long = max(len(self.tokenizer(prompt + r, add_special_tokens=False)["input_ids"]) for r in (chosen, rejected))
+        n_long = max(
+            len(self.tokenizer(prompt + r, add_special_tokens=False)["input_ids"]) for r in (chosen, rejected)
+        )
         if n_long + 1 > self.max_len:  # +1: the EOS OpenRLHF appends; the response is truncated, not dropped
             skips.truncated += 1
         nan = float("nan")
@@ -210,7 +213,9 @@ class OfflineSource(IterationSource):
         if not found:
             raise DataError(f"--comal.pairs_dir {directory}: no iter_NNN.jsonl files")
         if found != list(range(len(found))):
-            raise DataError(f"--comal.pairs_dir {directory}: files must be iter_000.jsonl .. without gaps, found {found}")
+            raise DataError(
+                f"--comal.pairs_dir {directory}: files must be iter_000.jsonl .. without gaps, found {found}"
+            )
         self.num_iterations = len(found)
 
     def path(self, k):
@@ -218,7 +223,9 @@ class OfflineSource(IterationSource):
 
     def pairs(self, k, trainer=None):
         if k >= self.num_iterations:
-            raise DataError(f"iteration {k} needs {self.path(k)}, but {self.directory} has {self.num_iterations} files")
+            raise DataError(
+                f"iteration {k} needs {self.path(k)}, but {self.directory} has {self.num_iterations} files"
+            )
         path = self.path(k)
         skips = SkipLog()
         rows = [r for r in (self.formatter(row, f"{path}:{i}", skips) for i, row in read_jsonl(path)) if r]
@@ -249,7 +256,9 @@ class StaticSource(IterationSource):
 
     def pairs(self, k, trainer=None):
         skips = SkipLog()
-        rows = [r for r in (self.formatter(row, f"{self.label}:row {i}", skips) for i, row in enumerate(self.raw)) if r]
+        rows = [
+            r for r in (self.formatter(row, f"{self.label}:row {i}", skips) for i, row in enumerate(self.raw)) if r
+        ]
         return rows, {"source": self.label, "skips": skips}
 
 
@@ -276,15 +285,17 @@ class PairDataset(torch.utils.data.Dataset):
                 )
             )
         )
-        table = datasets.Dataset.from_list([{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected} for r in rows])
+        table = datasets.Dataset.from_list(
+            [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected} for r in rows]
+        )
         datasets.disable_progress_bars()
         self.inner = RewardDataset(table, tokenizer, max_len, plain, is_dpo=True, num_processors=1)
         if len(self.inner) != len(rows):  # RowFormatter applies the same length rule, so this cannot differ
             raise RuntimeError(f"RewardDataset kept {len(self.inner)} of {len(rows)} pre-checked pairs")
         self.rows = rows
         self.fields = torch.tensor(
-            [[r.chosen_winrate, r.rejected_winrate, r.soft_label] for r in rows], dtype=torch.float32
-        ).reshape(-1, 3)
+            [[r.chosen_winrate, r.rejected_winrate, r.soft_label, r.weight] for r in rows], dtype=torch.float32
+        ).reshape(-1, 4)
 
     def __len__(self):
         return len(self.inner)

@@ -40,6 +40,7 @@ class Pair:
     soft_label: float  # P(chosen beats rejected) for all_soft; 1.0 for hard pairs
     chosen_winrate: float
     rejected_winrate: float
+    weight: float = 1.0  # all_soft: c(chosen) c(rejected) / sum over the prompt's pairs (the mu_k x mu_k estimate)
 
 
 @dataclass
@@ -121,6 +122,8 @@ def build_pairs(groups, judge, rule, rng=None, both_orders=True, pairs_per_promp
         elif rule == "all_soft":
             iu, ju = np.triu_indices(len(u), k=1)
             picks = [(i, j, W[i, j]) if W[i, j] >= 0.5 else (j, i, W[j, i]) for i, j in zip(iu, ju)]
+            cc = c[iu] * c[ju]
+            weights = dict(zip(zip(iu, ju), cc / cc.sum()))
         else:  # sampled: (i, j), i != j, with probability proportional to c_i c_j
             weights = np.outer(c, c)
             np.fill_diagonal(weights, 0.0)
@@ -128,6 +131,19 @@ def build_pairs(groups, judge, rule, rng=None, both_orders=True, pairs_per_promp
             for k in rng.choice(weights.size, size=pairs_per_prompt, p=weights.ravel() / weights.sum()):
                 i, j = divmod(int(k), len(u))
                 picks.append((i, j, 1.0) if rng.random() < W[i, j] else (j, i, 1.0))
-        pairs += [Pair(prompt, u[i], u[j], float(lab), float(winrate[i]), float(winrate[j])) for i, j, lab in picks]
+        if rule != "all_soft":
+            weights = {}
+        pairs += [
+            Pair(
+                prompt,
+                u[i],
+                u[j],
+                float(lab),
+                float(winrate[i]),
+                float(winrate[j]),
+                float(weights.get((min(i, j), max(i, j)), 1.0)),
+            )
+            for i, j, lab in picks
+        ]
     stats.pairs = len(pairs)
     return pairs, stats

@@ -26,9 +26,8 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
-
 from openrlhf.trainer.dpo_trainer import DPOTrainer
+from tqdm import tqdm
 
 from comal_openrlhf.data import PairDataset
 from comal_openrlhf.logps import pair_logps
@@ -50,6 +49,36 @@ def _set_rng_state(state):
     torch.set_rng_state(state["torch"])
 
 
+def policy_weights(dataset, cache):
+    """Pair weights mu_k(y) mu_k(y') from the cached log-probs, normalised per prompt (--rollout.pair_weighting
+    policy): the exact pair expectation of the prox loss when a prompt's samples cover mu_k's support."""
+    logw = cache[:, 0] + cache[:, 1]
+    groups = {}
+    for i, r in enumerate(dataset.rows):
+        groups.setdefault(r.prompt, []).append(i)
+    for members in groups.values():
+        m = torch.tensor(members)
+        dataset.fields[m, 3] = torch.softmax(logw[m], 0)
+
+
+def support_mass_penalty(idx, rows, pi_w, pi_l, mu_w, mu_l):
+    """(log pi(S_x) - log mu_k(S_x))^2 averaged over the prompts x of a batch, S_x = the distinct responses of x in
+    the batch (--comal.mass_coef). The prox step of COMAL.md section 2 reweights mass among responses; the pair losses
+    see only log-prob differences, so with Adam the policy can leak mass to outputs never sampled. This keeps the
+    total mass of the sampled support where mu_k had it."""
+    seen = {}
+    for j, i in enumerate(idx.tolist()):
+        r = rows[i]
+        seen.setdefault(r.prompt, {}).setdefault(r.chosen, (pi_w[j], mu_w[j]))
+        seen[r.prompt].setdefault(r.rejected, (pi_l[j], mu_l[j]))
+    terms = []
+    for responses in seen.values():
+        pi = torch.stack([v[0] for v in responses.values()])
+        mu = torch.stack([v[1] for v in responses.values()])
+        terms.append((torch.logsumexp(pi, 0) - torch.logsumexp(mu, 0)) ** 2)
+    return torch.stack(terms).mean()
+
+
 class COMALTrainer(DPOTrainer):
     def __init__(
         self,
@@ -68,6 +97,8 @@ class COMALTrainer(DPOTrainer):
         disable_ds_ckpt=False,
         logps_kernel="openrlhf",
         iteration_ckpt=True,
+        policy_weighting=False,
+        mass_coef=0.0,
     ):
         super().__init__(
             model=model,
@@ -90,6 +121,9 @@ class COMALTrainer(DPOTrainer):
         self.scheduler_cfg = scheduler_cfg
         self.logps_kernel = logps_kernel
         self.iteration_ckpt = iteration_ckpt
+        self.policy_weighting = policy_weighting
+        self.mass_coef = mass_coef
+        self.rows = []
         self.loss_fn = ProxLoss(plan.prox, plan.beta_at(0), plan.ref_weight, args.model.label_smoothing)
         self.state_dir = args.ckpt.path.rstrip("/") + "_comal"
         self.history_path = os.path.join(args.ckpt.output_dir, "comal_iterations.jsonl")
@@ -224,7 +258,9 @@ class COMALTrainer(DPOTrainer):
 
         cfg = self.scheduler_cfg
         name = cfg["lr_scheduler"]
-        kwargs = {"min_lr_rate": cfg["min_lr_ratio"]} if name in {"cosine_with_min_lr", "cosine_warmup_with_min_lr"} else {}
+        kwargs = (
+            {"min_lr_rate": cfg["min_lr_ratio"]} if name in {"cosine_with_min_lr", "cosine_warmup_with_min_lr"} else {}
+        )
         for group in self.scheduler.optimizer.param_groups:
             group["lr"] = group["initial_lr"]
         fresh = get_scheduler(
@@ -263,6 +299,10 @@ class COMALTrainer(DPOTrainer):
                 rows, stats = self.source.pairs(k, self)
                 self._report_skips(k, rows, stats)
                 stats = {key: (v.as_dict() if hasattr(v, "as_dict") else v) for key, v in stats.items()}
+                if not rows:  # online: every prompt had < 2 distinct valid samples (e.g. a collapsed policy)
+                    self._finish_iteration(k, beta, None, {}, stats, t0, 0, 0)
+                    iter_bar.update()
+                    continue
                 dataset = PairDataset(rows, self.tokenizer, self.args.data.max_len)
                 tp = time.time()
                 cache = self.precompute(dataset)
@@ -273,66 +313,72 @@ class COMALTrainer(DPOTrainer):
                     old = self.iter_state_path(k - 1)
                     if os.path.exists(old):
                         os.remove(old)
+            self.rows = dataset.rows
+            if self.policy_weighting:
+                policy_weights(dataset, cache)
             if plan.prox in NEEDS_WIN_RATES and torch.isnan(dataset.fields[:, :2]).any():
                 raise SystemExit(f"[comal] iteration {k}: the {plan.prox} loss needs win rates for every pair")
 
-            per_epoch = len(self._loader(dataset, shuffle=True, drop_last=True)) // acc * acc
-            if per_epoch == 0:
-                raise SystemExit(
-                    f"[comal] iteration {k} has {len(dataset)} pairs, fewer than one optimizer step needs "
-                    f"(--train.batch_size {self.args.train.batch_size}); lower --train.batch_size or add pairs"
-                )
-            total = per_epoch * self.epochs
+            # every pass over the pairs is one epoch; the step count is rounded up to whole optimizer steps
+            per_pass = len(self._loader(dataset, shuffle=True, drop_last=False))
+            total = -(-per_pass * self.epochs // acc) * acc
             self._restart_schedule(total // acc, self.micro_step // acc)
-            logs = self._train_iteration(k, dataset, cache, per_epoch, total)
+            logs = self._train_iteration(k, dataset, cache, per_pass, total)
 
-            # ---- end of iteration: advance the anchor, then checkpoint, then the history line
-            advanced = plan.advance_after(k)
-            advance_err = None
-            if advanced:
-                copy_weights(self.model, self.ref_model)
-                advance_err = self._check_advance(dataset)
-                self.anchor_version += 1
-                state = state_dict_on_rank0(self.ref_model)
-                if self.strategy.is_rank_0():
-                    atomic_save(state, self.anchor_path(self.anchor_version))
-                    stale = self.anchor_path(self.anchor_version - 2)
-                    if os.path.exists(stale):
-                        os.remove(stale)
-                if dist.is_initialized():
-                    dist.barrier()
-            mu = cache[:, :2].mean().item() - cache[:, 2:].mean().item()
-            record = {
-                "iteration": k,
-                "round": plan.round_of(k),
-                "beta": beta,
-                "pairs": len(dataset),
-                "steps": total // acc,
-                "advanced": advanced,
-                "anchor_version": self.anchor_version,
-                "logratio_mu_to_anchor": mu,
-                **({"advance_max_abs_diff": advance_err} if advanced else {}),
-                "seconds": round(time.time() - t0, 3),
-                **{f"{n}": v for n, v in logs.items()},
-                **{n: v for n, v in stats.items() if isinstance(v, (int, float))},
-                **stats.get("skips", {}),
-            }
-            self.history.append(record)
-            self.iteration, self.micro_step = k + 1, 0
-            if self.iteration_ckpt:
-                self.save_checkpoint("end of iteration")
-            if self.strategy.is_rank_0():
-                os.makedirs(os.path.dirname(self.history_path) or ".", exist_ok=True)
-                with open(self.history_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            self._log("iter", {n: float(v) for n, v in record.items() if isinstance(v, (int, float))}, k)
-            iter_bar.set_postfix(loss=logs.get("loss", float("nan")), advanced=advanced)
+            self._finish_iteration(k, beta, dataset, logs, stats, t0, total // acc, cache)
+            iter_bar.set_postfix(loss=logs.get("loss", float("nan")))
             iter_bar.update()
 
         if self._wandb is not None and self.strategy.is_rank_0():
             self._wandb.finish()
         if self._tensorboard is not None and self.strategy.is_rank_0():
             self._tensorboard.close()
+
+    def _finish_iteration(self, k, beta, dataset, logs, stats, t0, steps, cache):
+        """Advance the anchor if due, then checkpoint, then append the iteration's history line."""
+        plan = self.plan
+        advanced = plan.advance_after(k)
+        advance_err = None
+        if advanced:
+            copy_weights(self.model, self.ref_model)
+            if dataset is not None:
+                advance_err = self._check_advance(dataset)
+            self.anchor_version += 1
+            state = state_dict_on_rank0(self.ref_model)
+            if self.strategy.is_rank_0():
+                os.makedirs(self.state_dir, exist_ok=True)
+                atomic_save(state, self.anchor_path(self.anchor_version))
+                stale = self.anchor_path(self.anchor_version - 2)
+                if os.path.exists(stale):
+                    os.remove(stale)
+            if dist.is_initialized():
+                dist.barrier()
+        record = {
+            "iteration": k,
+            "round": plan.round_of(k),
+            "beta": beta,
+            "pairs": len(dataset) if dataset is not None else 0,
+            "steps": steps,
+            "advanced": advanced,
+            "anchor_version": self.anchor_version,
+            "seconds": round(time.time() - t0, 3),
+        }
+        if dataset is not None:
+            record["logratio_mu_to_anchor"] = cache[:, :2].mean().item() - cache[:, 2:].mean().item()
+        if advance_err is not None:
+            record["advance_max_abs_diff"] = advance_err
+        record.update(logs)
+        record.update({n: v for n, v in stats.items() if isinstance(v, (int, float))})
+        record.update(stats.get("skips", {}))
+        self.history.append(record)
+        self.iteration, self.micro_step = k + 1, 0
+        if self.iteration_ckpt:
+            self.save_checkpoint("end of iteration")
+        if self.strategy.is_rank_0():
+            os.makedirs(os.path.dirname(self.history_path) or ".", exist_ok=True)
+            with open(self.history_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self._log("iter", {n: float(v) for n, v in record.items() if isinstance(v, (int, float))}, k)
 
     def _report_skips(self, k, rows, stats):
         skips = stats.get("skips")
@@ -342,7 +388,11 @@ class COMALTrainer(DPOTrainer):
                 f"[comal] iteration {k}: {len(rows)} pairs kept, {skips.total()} skipped: {skips.summary()}{trunc}"
             )
         if not rows:
-            raise SystemExit(f"[comal] iteration {k}: no usable pairs in {stats.get('source', '')}")
+            if not getattr(self.source, "allow_empty", False):
+                raise SystemExit(f"[comal] iteration {k}: no usable pairs in {stats.get('source', '')}")
+            self.strategy.print(
+                f"[comal] iteration {k}: no prompt has 2 distinct valid samples; iteration skipped (policy unchanged)"
+            )
 
     @torch.no_grad()
     def _check_advance(self, dataset):
@@ -371,25 +421,23 @@ class COMALTrainer(DPOTrainer):
         if err > 1e-3:
             raise SystemExit(f"[comal] the restored anchor does not reproduce the cached log-probs (max error {err})")
 
-    def _train_iteration(self, k, dataset, cache, per_epoch, total):
+    def _train_iteration(self, k, dataset, cache, per_pass, total):
         acc = self.strategy.accumulated_gradient
         pad = self.tokenizer.pad_token_id
         mb = self.args.train.micro_batch_size
         step_bar = tqdm(
             total=total, initial=self.micro_step, desc=f"Iteration {k} steps", disable=not self.strategy.is_rank_0()
         )
-        sums = {}
-        count = 0
+        sums, count = {}, 0
         self.model.train()
         self.ref_model.eval()
         while self.micro_step < total:
-            epoch, done = divmod(self.micro_step, per_epoch)
-            loader = self._loader(
-                dataset, True, True, epoch=k * self.epochs + epoch, consumed=done * mb * self.world
-            )
+            # pass e over the pairs, resumed after the micro-batches a checkpoint already holds
+            e, done = divmod(self.micro_step, per_pass)
+            loader = self._loader(dataset, True, False, epoch=k * 1000 + e, consumed=done * mb * self.world)
             for batch in loader:
-                if self.micro_step >= (epoch + 1) * per_epoch:
-                    break  # the tail that does not fill an optimizer step is left for the next epoch's shuffle
+                if self.micro_step >= total:
+                    break
                 logs = self._train_step(batch, cache, dataset.fields, pad)
                 for n, v in logs.items():
                     sums[n] = sums.get(n, 0.0) + v
@@ -418,9 +466,20 @@ class COMALTrainer(DPOTrainer):
         c = cache[idx].to(device)
         f = fields[idx].to(device)
         loss, chosen_reward, reject_reward = self.loss_fn(
-            pi_w, pi_l, c[:, 0], c[:, 1], c[:, 2], c[:, 3], p_w=f[:, 0], p_l=f[:, 1], soft_label=f[:, 2]
+            pi_w,
+            pi_l,
+            c[:, 0],
+            c[:, 1],
+            c[:, 2],
+            c[:, 3],
+            p_w=f[:, 0],
+            p_l=f[:, 1],
+            soft_label=f[:, 2],
+            weight=f[:, 3],
         )
         total = loss + (nll * self.args.model.nll_loss_coef if self.nll_loss else 0)
+        if self.mass_coef > 0:
+            total = total + self.mass_coef * support_mass_penalty(idx, self.rows, pi_w, pi_l, c[:, 0], c[:, 1])
         bad = torch.tensor([0.0 if torch.isfinite(total) else 1.0])
         if self.world > 1:
             dist.all_reduce(bad)

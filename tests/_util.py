@@ -34,7 +34,15 @@ def free_port():
 
 def torchrun(nproc):
     # a concrete free port: torch 2.13's launcher hands "--master_port 0" to the workers unchanged (they hang)
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+    ]
 
 
 def read_scalars(logdir, tag):

@@ -35,18 +35,16 @@ def _train_dpo_main():
     main = next(
         node
         for node in tree.body
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and ast.unparse(node.test).startswith("__name__")
+        if isinstance(node, ast.If)
+        and isinstance(node.test, ast.Compare)
+        and ast.unparse(node.test).startswith("__name__")
     )
     cut = next(
         i
         for i, st in enumerate(main.body)
         if isinstance(st, ast.Assign) and ast.unparse(st.value) == "parser.parse_args()"
     )
-    post = [
-        st
-        for st in main.body[cut + 1 :]
-        if not (isinstance(st, ast.Expr) and ast.unparse(st) == "train(args)")
-    ]
+    post = [st for st in main.body[cut + 1 :] if not (isinstance(st, ast.Expr) and ast.unparse(st) == "train(args)")]
     return main.body[:cut], post, spec.origin
 
 
@@ -114,6 +112,13 @@ def add_comal_args(parser):
         "torch-chunked on CPU)",
     )
     g.add_argument(
+        "--comal.mass_coef",
+        type=float,
+        default=0.0,
+        help="Weight of a term keeping the policy's total mass on each prompt's sampled responses equal to mu_k's "
+        "(the prox step only reweights within them); 0 = off, as in the official code",
+    )
+    g.add_argument(
         "--comal.no_iteration_ckpt",
         action="store_true",
         default=False,
@@ -158,7 +163,11 @@ def make_source(args, strategy, tokenizer, plan_prox):
 
     kind = args.comal.source
     if kind == "auto":
-        kind = "offline" if args.comal.pairs_dir else ("online" if getattr(getattr(args, "judge", None), "kind", None) else "static")
+        kind = (
+            "offline"
+            if args.comal.pairs_dir
+            else ("online" if getattr(getattr(args, "judge", None), "kind", None) else "static")
+        )
     if kind == "online":
         from comal_openrlhf.online import OnlineSource
 
@@ -213,7 +222,11 @@ def train(args):
     if args.ref.offload:
         ref_model._offload = True
     get_tokenizer(
-        args.model.model_name_or_path, ref_model.model, "right", strategy, use_fast=not args.data.disable_fast_tokenizer
+        args.model.model_name_or_path,
+        ref_model.model,
+        "right",
+        strategy,
+        use_fast=not args.data.disable_fast_tokenizer,
     )
     if args.model.gradient_checkpointing_enable:
         model.gradient_checkpointing_enable(
@@ -252,9 +265,7 @@ def train(args):
     strategy.print(f"[comal] plan: {plan.as_dict()}")
     kernel = args.comal.logps_kernel
 
-    sched = dict(
-        lr_scheduler=args.lr_scheduler, lr_warmup_ratio=args.lr_warmup_ratio, min_lr_ratio=args.min_lr_ratio
-    )
+    sched = dict(lr_scheduler=args.lr_scheduler, lr_warmup_ratio=args.lr_warmup_ratio, min_lr_ratio=args.min_lr_ratio)
     cfg = dict(
         optim=args.optim,
         muon=vars(args.muon),
@@ -281,6 +292,8 @@ def train(args):
         disable_ds_ckpt=args.ckpt.disable_ds,
         logps_kernel=kernel,
         iteration_ckpt=not args.comal.no_iteration_ckpt,
+        mass_coef=args.comal.mass_coef,
+        policy_weighting=getattr(getattr(args, "rollout", None), "pair_weighting", "count") == "policy",
     )
     if args.ckpt.load_enable and os.path.exists(args.ckpt.path):
         load_path, states = strategy.load_ckpt(model.model, args.ckpt.path)

@@ -1,0 +1,151 @@
+"""Benchmark: one COMAL training step (cached log-probs) against OpenRLHF's DPOTrainer step (reference recomputed).
+
+    python examples/bench_comal_step.py [--repeats 20] [--hidden 256] [--layers 4] [--vocab 8192] [--seq 128]
+
+Both steps run in one process on the same model, batch and DeepSpeed strategy (OpenRLHF's, through train_comal's
+argument parser): the DPO step is upstream's per-step work (``concatenated_forward`` of the policy with grad, of the
+reference without, ``DPOLoss``, backward, optimizer step); the COMAL step is ``COMALTrainer._train_step`` (policy
+forward/backward and the prox loss on cached mu/ref log-probs). The precompute pass that fills the cache (policy +
+reference forward over every pair, once per iteration) is timed too. Prints a markdown table: medians (p20/p80) over
+``--repeats`` steps after warm-up, tokens/s and the COMAL/DPO ratio (target <= 0.75).
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--seq", type=int, default=128, help="response words per sequence")
+    p.add_argument("--micro-batch", dest="micro_batch", type=int, default=4, help="pairs per step")
+    p.add_argument("--pairs", type=int, default=64, help="pairs in the iteration (precompute pass)")
+    p.add_argument("--zero-stage", dest="zero_stage", type=int, default=2)
+    a = p.parse_args()
+
+    from comal_openrlhf import cpu_runtime
+
+    cpu_runtime.apply()
+    import torch
+
+    from comal_openrlhf.cli.train_comal import parse_args
+    from comal_openrlhf.data import PairDataset, PairRow
+    from comal_openrlhf.schedule import resolve_plan
+    from comal_openrlhf.tiny import build_tiny_llama
+
+    tmp = tempfile.mkdtemp(prefix="comal_bench_")
+    words = tuple(f"w{i}" for i in range(a.vocab - 10))
+    model_path = build_tiny_llama(
+        os.path.join(tmp, "model"),
+        words=words,
+        hidden_size=a.hidden,
+        num_layers=a.layers,
+        num_heads=max(1, a.hidden // 64),
+        intermediate_size=4 * a.hidden,
+        max_positions=2 * a.seq + 64,
+    )
+    mb = a.micro_batch
+    args = parse_args(
+        ["--model.model_name_or_path", model_path, "--ds.zero_stage", str(a.zero_stage)]
+        + ["--train.micro_batch_size", str(mb), "--train.batch_size", str(mb), "--data.max_len", str(2 * a.seq + 32)]
+        + ["--ckpt.path", os.path.join(tmp, "ckpt"), "--ckpt.output_dir", os.path.join(tmp, "out")]
+        + ["--model.ipo_enable", "--comal.algo", "iter-ipo"]
+    )
+    from openrlhf.models import Actor, DPOLoss
+    from openrlhf.utils import get_strategy, get_tokenizer
+
+    from comal_openrlhf.trainer import COMALTrainer
+
+    strategy = get_strategy(args)
+    strategy.setup_distributed()
+    ds = args.ds
+    model = Actor(model_path, attn_implementation=ds.attn_implementation, param_dtype=ds.param_dtype,
+                  ds_config=strategy.get_ds_train_config())  # fmt: skip
+    tok = get_tokenizer(model_path, model.model, "right", strategy)
+    ref = Actor(model_path, attn_implementation=ds.attn_implementation, param_dtype=ds.param_dtype,
+                ds_config=strategy.get_ds_eval_config())  # fmt: skip
+    sched = dict(lr_scheduler="constant", lr_warmup_ratio=0.0, min_lr_ratio=0.1)
+    cfg = dict(optim="adam", muon=vars(args.muon), adam=vars(args.adam), max_norm=1.0, scheduler_steps=10**6, **sched)
+    (model, optim, scheduler), ref = strategy.prepare((model, cfg), ref)
+    plan = resolve_plan("iter-ipo", beta=0.1)
+    trainer = COMALTrainer(model, ref, strategy, tok, optim, scheduler, None, plan, sched)
+
+    g = torch.Generator().manual_seed(0)
+
+    def text(n):
+        return " ".join(words[i] for i in torch.randint(len(words), (n,), generator=g).tolist())
+
+    rows = [PairRow(text(16) + " ", text(a.seq), text(a.seq)) for _ in range(a.pairs)]
+    dataset = PairDataset(rows, tok, args.data.max_len)
+    trainer.rows = rows
+    t = time.perf_counter()
+    cache = trainer.precompute(dataset)
+    precompute_s = time.perf_counter() - t
+    batch = dataset.collate_fn([dataset[i] for i in range(mb)])
+    tokens = int(batch[1].sum() + batch[3].sum())
+    pad = tok.pad_token_id
+    dpo_loss = DPOLoss(0.1, 0.0, True)
+
+    def dpo_step():
+        chosen_ids, c_mask, reject_ids, r_mask, plens, _ = batch
+        pw, pl, _, _ = trainer.concatenated_forward(model, chosen_ids, c_mask, reject_ids, r_mask, plens)
+        with torch.no_grad():
+            rw, rl, _, _ = trainer.concatenated_forward(ref, chosen_ids, c_mask, reject_ids, r_mask, plens)
+        loss, _, _ = dpo_loss(pw, pl, rw, rl)
+        strategy.backward(loss, model, optim)
+        strategy.optimizer_step(optim, model, scheduler)
+
+    def comal_step():
+        trainer._train_step(batch, cache, dataset.fields, pad)
+
+    def timed(fn):
+        for _ in range(a.warmup):
+            fn()
+        out = []
+        for _ in range(a.repeats):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+        return out
+
+    # interleave so that drift of the machine hits both alike
+    res = {"dpo": [], "comal": []}
+    for _ in range(2):
+        res["dpo"] += timed(dpo_step)
+        res["comal"] += timed(comal_step)
+
+    def q(xs, f):
+        return statistics.quantiles(xs, n=10)[int(f * 10) - 1] if len(xs) > 1 else xs[0]
+
+    print(f"device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+          f"torch {torch.__version__}, dtype {ds.param_dtype}, ZeRO {a.zero_stage}")  # fmt: skip
+    print(f"model: Llama hidden {a.hidden}, {a.layers} layers, vocab {len(tok)}; batch {mb} pairs, "
+          f"{tokens} tokens per step (chosen + rejected, incl. prompt)\n")  # fmt: skip
+    print("| step | median ms | p20 ms | p80 ms | tokens/s |\n|---|---|---|---|---|")
+    med = {}
+    for name, label in (("dpo", "OpenRLHF DPOTrainer step (reference recomputed)"), ("comal", "COMAL step (cached)")):
+        xs = res[name]
+        med[name] = statistics.median(xs)
+        print(f"| {label} | {1e3 * med[name]:.1f} | {1e3 * q(xs, 0.2):.1f} | {1e3 * q(xs, 0.8):.1f} | "
+              f"{tokens / med[name]:.0f} |")  # fmt: skip
+    ratio = med["comal"] / med["dpo"]
+    print(
+        f"\nCOMAL/DPO step time ratio: {ratio:.3f} (target <= 0.75: {'reached' if ratio <= 0.75 else 'NOT reached'})"
+    )
+    per_pair = precompute_s / a.pairs
+    print(f"precompute pass: {precompute_s:.2f} s for {a.pairs} pairs ({1e3 * per_pair:.1f} ms per pair, policy + "
+          f"reference forward), paid once per iteration")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
