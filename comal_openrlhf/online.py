@@ -58,16 +58,14 @@ def add_online_args(parser):
         type=str,
         default="hf",
         choices=list(ROLLOUT_BACKENDS),
-        help="hf = generate with the training policy (CPU/GPU, any ZeRO stage); vllm = OpenRLHF vLLM engines (GPU)",
+        help="hf = generate with the training policy (CPU/GPU, any ZeRO stage); vllm = OpenRLHF vLLM engines on "
+        "Ray GPUs, weights pushed from the policy every iteration (GPU only, experimental)",
     )
     v = parser.add_argument_group("vllm", "vLLM engines for --rollout.backend vllm (GPU only)")
     v.add_argument("--vllm.num_engines", type=int, default=1, help="Number of vLLM engines")
     v.add_argument("--vllm.tensor_parallel_size", type=int, default=1, help="Tensor parallel size per engine")
     v.add_argument("--vllm.gpu_memory_utilization", type=float, default=0.5, help="vLLM GPU memory fraction")
     v.add_argument("--vllm.enforce_eager", action="store_true", default=False, help="Disable CUDA graphs")
-    v.add_argument(
-        "--vllm.reload_from_disk", action="store_true", default=False, help="Reload weights from disk each iteration"
-    )
     add_judge_args(parser)
     return parser
 
@@ -90,13 +88,11 @@ class OnlineSource(IterationSource):
 
         self.args, self.strategy, self.tokenizer = args, strategy, tokenizer
         self.ro = args.rollout
+        self.vllm = None
         if self.ro.backend == "vllm":
-            if not torch.cuda.is_available():
-                raise SystemExit("[comal] --rollout.backend vllm needs CUDA GPUs; use --rollout.backend hf on CPU")
-            raise SystemExit(
-                "[comal] --rollout.backend vllm is not available in this release: use --rollout.backend hf "
-                "(generation with the training policy)"
-            )
+            from comal_openrlhf.rollout_vllm import VLLMSampler
+
+            self.vllm = VLLMSampler(args, args.model.model_name_or_path, args.data.max_len)
         if self.ro.n_samples_per_prompt < 2:
             raise SystemExit("[comal] --rollout.n_samples_per_prompt must be >= 2 to form pairs")
         if not args.data.dataset:
@@ -211,14 +207,25 @@ class OnlineSource(IterationSource):
         start = (k * n) % len(self.prompts)
         idx = [(start + i) % len(self.prompts) for i in range(n)]
         rank, world = _rank_world()
-        mine = idx[rank::world]
-        responses = self.sample(trainer.model, [self.texts[i] for i in mine])
-        shards = [None] * world
-        if world > 1:
-            dist.all_gather_object(shards, list(zip(mine, responses)))
-        else:
-            shards = [list(zip(mine, responses))]
-        sampled = dict(item for shard in shards for item in shard)
+        if self.vllm is not None:  # rank 0 samples every prompt from engines holding mu_k's weights
+            if trainer.global_step > 0:  # the policy moved away from the weights the engines were built with
+                self.vllm.refresh(trainer.model)
+            sampled = None
+            if rank == 0:
+                texts = [self.texts[i] for i in idx]
+                out = self.vllm.generate(
+                    self.tokenizer, texts, ro.n_samples_per_prompt, ro.temperature, ro.top_p, ro.max_new_tokens
+                )
+                sampled = dict(zip(idx, out))
+        else:  # every rank samples its shard with HF generate, then all ranks share the samples
+            mine = idx[rank::world]
+            responses = self.sample(trainer.model, [self.texts[i] for i in mine])
+            shards = [None] * world
+            if world > 1:
+                dist.all_gather_object(shards, list(zip(mine, responses)))
+            else:
+                shards = [list(zip(mine, responses))]
+            sampled = dict(item for shard in shards for item in shard)
 
         payload = [None]
         if rank == 0:

@@ -272,8 +272,11 @@ class COMALTrainer(DPOTrainer):
         )
         self.scheduler.lr_lambdas = fresh.lr_lambdas
         self.scheduler.base_lrs = fresh.base_lrs
-        self.scheduler.last_epoch = done - 1
-        self.scheduler.step()  # sets the lr of step `done`
+        self.scheduler.last_epoch = done
+        lrs = [base * lam(done) for base, lam in zip(fresh.base_lrs, fresh.lr_lambdas)]
+        for group, lr in zip(self.scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
 
     # -------------------------------------------------------------- the loop
     def fit(self, args=None, consumed_samples=0, num_update_steps_per_epoch=None):

@@ -21,20 +21,26 @@ raises a clear error and ``triton_runs_on_cpu()`` is False; "auto" and "torch" a
 
 import os
 
-import torch
+if __name__ == "kernels":
+    # Imported as a top-level ``kernels`` because a checkout's root is on sys.path (``python -m ...`` run from it):
+    # transformers probes the PyPI package of that name. Stay an empty module without a version, which its probe
+    # reads as "no usable kernels package", instead of importing torch/triton under the wrong name.
+    __version__ = "N/A"
+else:
+    import torch
 
-if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
-    os.environ["TRITON_INTERPRET"] = "1"
+    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"
 
-from .linear_sequence_logps import linear_sequence_logps
-from .sequence_logps import BACKENDS, resolve_backend, sequence_logps, triton_runs_on_cpu
-from .sequence_logratio import sequence_logratio
+    from .linear_sequence_logps import linear_sequence_logps
+    from .sequence_logps import BACKENDS, resolve_backend, sequence_logps, triton_runs_on_cpu
+    from .sequence_logratio import sequence_logratio
 
-__all__ = [
-    "BACKENDS",
-    "linear_sequence_logps",
-    "resolve_backend",
-    "sequence_logps",
-    "sequence_logratio",
-    "triton_runs_on_cpu",
-]
+    __all__ = [
+        "BACKENDS",
+        "linear_sequence_logps",
+        "resolve_backend",
+        "sequence_logps",
+        "sequence_logratio",
+        "triton_runs_on_cpu",
+    ]

@@ -73,3 +73,20 @@ def test_demo_converges_where_iterative_ipo_cycles(tmp_path):
     assert abs(sum(comal["policy"]) - 1) < 1e-9 and comal["invalid_mass"] < 0.2
     assert (tmp_path / "demo" / "gap.png").stat().st_size > 1000
     assert len(comal["gaps"]) == 17  # mu_0 .. mu_15 and the final policy
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="vLLM rollouts need a CUDA GPU")
+def test_vllm_rollout_backend_on_gpu(tmp_path, game_model):
+    pytest.importorskip("vllm", reason="vllm (the gpu extra) is not installed")
+    cmd = _online_cmd([sys.executable], game_model, tmp_path, "--rollout.backend", "vllm", "--ds.zero_stage", "2")
+    run_cmd(cmd + ["--vllm.gpu_memory_utilization", "0.2", "--vllm.enforce_eager"], cwd=str(tmp_path))
+    h = _history(tmp_path)
+    assert [r["iteration"] for r in h] == [0, 1] and all(r["rollout_responses"] == 16 for r in h)
+
+
+def test_vllm_backend_refuses_cleanly_without_gpu(tmp_path, game_model):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cmd = _online_cmd([sys.executable], game_model, tmp_path, "--rollout.backend", "vllm")
+    p = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "needs CUDA GPUs" in p.stderr + p.stdout and "Traceback" not in p.stderr

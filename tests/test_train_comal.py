@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from _util import read_scalars, run_cmd, torchrun, write_jsonl
+from _util import free_port, read_scalars, run_cmd, torchrun, write_jsonl
 
 FLAGS = [
     "--train.micro_batch_size", "2",
@@ -109,6 +109,15 @@ def test_offline_comal_advances_reference_under_each_zero_stage(tmp_path, tiny_m
     assert os.path.exists(tmp_path / "final" / "config.json")
 
 
+def test_deepspeed_launcher_runs_the_module(tmp_path, tiny_model):
+    pairs = make_pairs_dir(tmp_path / "pairs", 1)
+    deepspeed = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "1"]
+    cmd = comal_cmd(deepspeed + ["--master_port", str(free_port()), "--module"], tiny_model, tmp_path)
+    cmd.remove("-m")
+    run_cmd(cmd + ["--comal.pairs_dir", pairs], cwd=str(tmp_path))
+    assert [r["iteration"] for r in history(tmp_path)] == [0]
+
+
 def test_unchanged_train_dpo_launch_runs_as_one_dpo_iteration(tmp_path, tiny_model, dpo_jsonl):
     p = run_cmd(comal_cmd([sys.executable], tiny_model, tmp_path, "--data.dataset", dpo_jsonl), cwd=str(tmp_path))
     assert "running iter-dpo" in p.stdout
@@ -124,7 +133,9 @@ def test_sigkill_mid_iteration_then_resume(tmp_path, tiny_model):
     cmd = comal_cmd([sys.executable], tiny_model, tmp_path, "--comal.pairs_dir", pairs, "--comal.algo", "comal")
     cmd += ["--comal.ref_update_interval", "1", "--ckpt.save_steps", "2", "--train.max_epochs", "2"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -147,7 +158,9 @@ def test_sigkill_mid_iteration_then_resume(tmp_path, tiny_model):
 
 
 def _fails(cmd, cwd):
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert p.returncode != 0
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
     return p.stdout + p.stderr
@@ -188,3 +201,21 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_model):
     cmd += ["--adam.lr", "1e30", "--lr_scheduler", "constant"]
     out = _fails(cmd, str(tmp_path))
     assert "non-finite loss" in out and "last good checkpoint" in out
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+
+def test_fused_logps_kernel_trains_like_openrlhf_path(tmp_path, tiny_model):
+    """--comal.logps_kernel torch (bf16 logits into the chunked kernel) against OpenRLHF's fp32-copy path."""
+    pairs = make_pairs_dir(tmp_path / "pairs", 2)
+    curves = {}
+    for kernel in ("openrlhf", "torch"):
+        out = tmp_path / kernel
+        out.mkdir()
+        cmd = comal_cmd([sys.executable], tiny_model, out, "--comal.pairs_dir", pairs, "--comal.algo", "comal")
+        run_cmd(cmd + ["--comal.ref_update_interval", "1", "--comal.logps_kernel", kernel], cwd=str(out))
+        curves[kernel] = read_scalars(str(out / "tb"), "train/loss")
+    assert len(curves["torch"]) == len(curves["openrlhf"]) == 4
+    for a, b in zip(curves["openrlhf"], curves["torch"]):
+        assert abs(a - b) <= 1e-2 * max(1.0, abs(a)), curves

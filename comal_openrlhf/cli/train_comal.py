@@ -106,10 +106,10 @@ def add_comal_args(parser):
     g.add_argument(
         "--comal.logps_kernel",
         type=str,
-        default="openrlhf",
+        default="auto",
         choices=["auto", "triton", "torch", "openrlhf"],
-        help="Sequence log-prob path: openrlhf (fp32 copy of logits), or the fused kernels (auto = triton on CUDA, "
-        "torch-chunked on CPU)",
+        help="Sequence log-prob path: auto = fused Triton kernel on CUDA, chunked torch kernel on CPU (no fp32 copy "
+        "of the logits); triton; torch; openrlhf = OpenRLHF's own path (fp32 copy of all logits)",
     )
     g.add_argument(
         "--comal.mass_coef",
