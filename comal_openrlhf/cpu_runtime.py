@@ -26,7 +26,6 @@ users never do.
 import importlib.machinery
 import importlib.util
 import os
-import socket
 import sys
 import types
 
@@ -39,12 +38,6 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _set_single_process_env():
     """Point 2: a plain ``python`` launch is a world of one process."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -53,7 +46,8 @@ def _set_single_process_env():
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # port 0: the single rank hosts the store on a port the kernel picks, so parallel launches never collide
+    os.environ.setdefault("MASTER_PORT", "0")
 
 
 def _flash_attn_missing(*_args, **_kwargs):
