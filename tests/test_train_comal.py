@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from _util import free_port, read_scalars, run_cmd, torchrun, write_jsonl
+from _util import REPO, free_port, read_scalars, run_cmd, torchrun, write_jsonl
 
 FLAGS = [
     "--train.micro_batch_size", "2",
@@ -219,3 +219,11 @@ def test_fused_logps_kernel_trains_like_openrlhf_path(tmp_path, tiny_model):
     assert len(curves["torch"]) == len(curves["openrlhf"]) == 4
     for a, b in zip(curves["openrlhf"], curves["torch"]):
         assert abs(a - b) <= 1e-2 * max(1.0, abs(a)), curves
+
+
+def test_step_benchmark_runs_and_reports_ratios(tmp_path):
+    cmd = [sys.executable, os.path.join(REPO, "examples", "bench_comal_step.py"), "--repeats", "2", "--warmup", "1"]
+    cmd += ["--hidden", "32", "--layers", "1", "--vocab", "512", "--seq", "16", "--pairs", "8"]
+    p = run_cmd(cmd, cwd=str(tmp_path))
+    assert "| OpenRLHF DPOTrainer step (reference recomputed) |" in p.stdout
+    assert "comal/DPO step time ratio" in p.stdout and "precompute pass" in p.stdout
