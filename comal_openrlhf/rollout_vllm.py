@@ -24,7 +24,6 @@ class VLLMSampler:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         if self.rank == 0:
             import ray
-
             from openrlhf.trainer.ray.vllm_engine import create_vllm_engines
             from openrlhf.utils.distributed_util import stateless_init_process_group
 
