@@ -99,6 +99,7 @@ class COMALTrainer(DPOTrainer):
         iteration_ckpt=True,
         policy_weighting=False,
         mass_coef=0.0,
+        eval_dataset=None,
     ):
         super().__init__(
             model=model,
@@ -123,6 +124,7 @@ class COMALTrainer(DPOTrainer):
         self.iteration_ckpt = iteration_ckpt
         self.policy_weighting = policy_weighting
         self.mass_coef = mass_coef
+        self.eval_dataset = eval_dataset
         self.rows = []
         self.loss_fn = ProxLoss(plan.prox, plan.beta_at(0), plan.ref_weight, args.model.label_smoothing)
         self.state_dir = args.ckpt.path.rstrip("/") + "_comal"
@@ -328,6 +330,8 @@ class COMALTrainer(DPOTrainer):
             self._restart_schedule(total // acc, self.micro_step // acc)
             logs = self._train_iteration(k, dataset, cache, per_pass, total)
 
+            if self.eval_dataset is not None:
+                logs.update(self.evaluate_pairs(k))
             self._finish_iteration(k, beta, dataset, logs, stats, t0, total // acc, cache)
             iter_bar.set_postfix(loss=logs.get("loss", float("nan")))
             iter_bar.update()
@@ -396,6 +400,29 @@ class COMALTrainer(DPOTrainer):
             self.strategy.print(
                 f"[comal] iteration {k}: no prompt has 2 distinct valid samples; iteration skipped (policy unchanged)"
             )
+
+    @torch.no_grad()
+    def evaluate_pairs(self, k):
+        """``--eval.dataset`` after each iteration: the prox loss with the anchor as centre (OpenRLHF's DPO/IPO eval
+        loss against its reference) and the fraction of pairs whose log-ratio margin to the anchor is positive."""
+        self.model.eval()
+        pad = self.tokenizer.pad_token_id
+        loader = self._loader(self.eval_dataset, shuffle=False, drop_last=False)
+        loss_sum, acc_sum, n = 0.0, 0.0, 0
+        for batch in tqdm(
+            loader, desc=f"Eval after iteration {k}", disable=not self.strategy.is_rank_0(), leave=False
+        ):
+            pw, pl, _ = pair_logps(self.model, batch, pad, self.logps_kernel)
+            rw, rl, _ = pair_logps(self.ref_model, batch, pad, self.logps_kernel)
+            f = self.eval_dataset.fields[batch[-1]].to(pw.device)
+            loss, cr, rr = self.loss_fn(pw, pl, rw, rl, rw, rl, p_w=f[:, 0], p_l=f[:, 1], soft_label=f[:, 2])
+            loss_sum += loss.item() * len(pw)
+            acc_sum += (cr > rr).float().sum().item()
+            n += len(pw)
+        self.model.train()
+        logs = self.strategy.all_reduce({"eval_loss": loss_sum / max(n, 1), "eval_acc": acc_sum / max(n, 1)})
+        self._log("eval", logs, k)
+        return logs
 
     @torch.no_grad()
     def _check_advance(self, dataset):

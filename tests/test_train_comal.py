@@ -227,3 +227,12 @@ def test_step_benchmark_runs_and_reports_ratios(tmp_path):
     p = run_cmd(cmd, cwd=str(tmp_path))
     assert "| OpenRLHF DPOTrainer step (reference recomputed) |" in p.stdout
     assert "comal/DPO step time ratio" in p.stdout and "precompute pass" in p.stdout
+
+
+def test_eval_dataset_is_evaluated_after_each_iteration(tmp_path, tiny_model, dpo_jsonl):
+    pairs = make_pairs_dir(tmp_path / "pairs", 2)
+    cmd = comal_cmd([sys.executable], tiny_model, tmp_path, "--comal.pairs_dir", pairs, "--comal.algo", "comal")
+    run_cmd(cmd + ["--eval.dataset", dpo_jsonl, "--eval.split", "train"], cwd=str(tmp_path))
+    h = history(tmp_path)
+    assert all("eval_loss" in r and 0.0 <= r["eval_acc"] <= 1.0 for r in h)
+    assert len(read_scalars(str(tmp_path / "tb"), "eval/eval_loss")) == 2

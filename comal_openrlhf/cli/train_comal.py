@@ -182,6 +182,24 @@ def make_source(args, strategy, tokenizer, plan_prox):
     return StaticSource(args, strategy, formatter)
 
 
+def make_eval_dataset(args, strategy, tokenizer, prox):
+    """``--eval.dataset`` (split ``--eval.split``) as a PairDataset, validated like the training pairs."""
+    from openrlhf.datasets.utils import blending_datasets
+
+    from comal_openrlhf.data import PairDataset, RowFormatter, SkipLog
+    from comal_openrlhf.losses import NEEDS_WIN_RATES
+
+    data = blending_datasets(args.eval.dataset, None, strategy, dataset_split=args.eval.split)
+    formatter = RowFormatter(args.data, tokenizer, args.data.max_len, need_winrates=prox in NEEDS_WIN_RATES)
+    skips = SkipLog()
+    rows = [r for r in (formatter(row, f"{args.eval.dataset}:row {i}", skips) for i, row in enumerate(data)) if r]
+    if skips.total():
+        strategy.print(f"[comal] eval pairs skipped: {skips.summary()}")
+    if not rows:
+        raise SystemExit(f"[comal] --eval.dataset {args.eval.dataset}: no usable pairs")
+    return PairDataset(rows, tokenizer, args.data.max_len)
+
+
 def train(args):
     from openrlhf.models import Actor
     from openrlhf.utils import get_strategy, get_tokenizer
@@ -258,6 +276,13 @@ def train(args):
         )
     except (ValueError, DataError) as e:
         raise SystemExit(f"[comal] {e}") from None
+    if args.ds.ring_attn_size > 1:
+        raise SystemExit("[comal] ring attention (--ds.ring_attn_size > 1) is not supported by train_comal yet")
+    if args.model.aux_loss_coef > 0:
+        raise SystemExit("[comal] --model.aux_loss_coef (MoE balancing loss) is not supported by train_comal yet")
+    eval_dataset = None
+    if getattr(args.eval, "dataset", None):
+        eval_dataset = make_eval_dataset(args, strategy, tokenizer, plan.prox)
     if plan.ref_update_interval > 0 and args.ds.lora.rank > 0:
         raise SystemExit("[comal] reference advances copy full weights; LoRA (--ds.lora.rank > 0) is not supported")
     if args.comal.algo is None:
@@ -293,6 +318,7 @@ def train(args):
         logps_kernel=kernel,
         iteration_ckpt=not args.comal.no_iteration_ckpt,
         mass_coef=args.comal.mass_coef,
+        eval_dataset=eval_dataset,
         policy_weighting=getattr(getattr(args, "rollout", None), "pair_weighting", "count") == "policy",
     )
     if args.ckpt.load_enable and os.path.exists(args.ckpt.path):
