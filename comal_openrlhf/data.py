@@ -187,6 +187,22 @@ def read_jsonl(path):
                 raise DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
+def load_train_data(args, strategy):
+    """``--data.dataset`` through OpenRLHF's ``blending_datasets``, as train_dpo reads it (probabilities, split,
+    ``--data.max_samples``)."""
+    from openrlhf.datasets.utils import blending_datasets
+
+    data = blending_datasets(
+        args.data.dataset,
+        args.data.dataset_probs,
+        strategy,
+        args.train.seed,
+        max_count=args.data.max_samples,
+        dataset_split=args.data.dataset_split,
+    )
+    return data.select(range(min(args.data.max_samples, len(data))))
+
+
 class IterationSource:
     """Yields the preference pairs of iteration k. ``num_iterations`` is None when the source has no limit."""
 
@@ -239,19 +255,8 @@ class StaticSource(IterationSource):
     num_iterations = 1  # an unchanged train_dpo launch is one iteration; --comal.iterations repeats the pairs
 
     def __init__(self, args, strategy, formatter: RowFormatter):
-        from openrlhf.datasets.utils import blending_datasets
-
-        data = blending_datasets(
-            args.data.dataset,
-            args.data.dataset_probs,
-            strategy,
-            args.train.seed,
-            max_count=args.data.max_samples,
-            dataset_split=args.data.dataset_split,
-        )
-        data = data.select(range(min(args.data.max_samples, len(data))))
         self.label = args.data.dataset
-        self.raw = list(data)
+        self.raw = list(load_train_data(args, strategy))
         self.formatter = formatter
 
     def pairs(self, k, trainer=None):

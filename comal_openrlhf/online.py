@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from comal_openrlhf.data import IterationSource, PairRow, SkipLog
+from comal_openrlhf.data import IterationSource, PairRow, SkipLog, load_train_data
 
 ROLLOUT_BACKENDS = ("hf", "vllm")
 
@@ -82,8 +82,6 @@ class OnlineSource(IterationSource):
     allow_empty = True  # an iteration whose samples give no pair is logged and skipped, not fatal
 
     def __init__(self, args, strategy, tokenizer):
-        from openrlhf.datasets.utils import blending_datasets
-
         from comal_openrlhf.judges import build_judge
 
         self.args, self.strategy, self.tokenizer = args, strategy, tokenizer
@@ -100,14 +98,7 @@ class OnlineSource(IterationSource):
         key = args.data.prompt_key
         if not key:
             raise SystemExit("[comal] the online source needs --data.prompt_key (the prompt column)")
-        data = blending_datasets(
-            args.data.dataset,
-            args.data.dataset_probs,
-            strategy,
-            args.train.seed,
-            max_count=args.data.max_samples,
-            dataset_split=args.data.dataset_split,
-        )
+        data = load_train_data(args, strategy)
         self.prompts, self.texts, self.skips0 = [], [], SkipLog()
         if args.data.apply_chat_template and args.data.tokenizer_chat_template:
             tokenizer.chat_template = args.data.tokenizer_chat_template

@@ -9,20 +9,10 @@ the triton backward rounds dz to bf16 before its dots; tolerances below are size
 # calls this block third-party while isort calls it first-party: keep isort's layout.
 import pytest  # noqa: I001
 import torch
+from _kernels import BACKENDS, CUDA, DEVICE
 
-from comal_openrlhf.kernels import linear_sequence_logps, sequence_logps, triton_runs_on_cpu
+from comal_openrlhf.kernels import linear_sequence_logps, sequence_logps
 from comal_openrlhf.kernels.reference import linear_sequence_logps_reference
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-TRITON = pytest.param(
-    "triton",
-    marks=pytest.mark.skipif(
-        not CUDA and not triton_runs_on_cpu(),
-        reason="no CUDA and triton was imported before comal_openrlhf.kernels, so its interpreter is off",
-    ),
-)
-BACKENDS = ["torch", TRITON]
 
 
 def make_case(B, L, D, V, dtype, bias=False, seed=0):

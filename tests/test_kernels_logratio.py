@@ -4,20 +4,10 @@
 # calls this block third-party while isort calls it first-party: keep isort's layout.
 import pytest  # noqa: I001
 import torch
+from _kernels import BACKENDS, CUDA, DEVICE
 
-from comal_openrlhf.kernels import sequence_logps, sequence_logratio, triton_runs_on_cpu
+from comal_openrlhf.kernels import sequence_logps, sequence_logratio
 from comal_openrlhf.kernels.reference import sequence_logratio_reference
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-TRITON = pytest.param(
-    "triton",
-    marks=pytest.mark.skipif(
-        not CUDA and not triton_runs_on_cpu(),
-        reason="no CUDA and triton was imported before comal_openrlhf.kernels, so its interpreter is off",
-    ),
-)
-BACKENDS = ["torch", TRITON]
 
 
 def make_case(B, L, V, pol_dtype, ref_dtype, seed=0):

@@ -8,20 +8,11 @@ comal_openrlhf.kernels to be imported before anything imports triton (see the pa
 # calls this block third-party while isort calls it first-party: keep isort's layout.
 import pytest  # noqa: I001
 import torch
+from _kernels import BACKENDS, CUDA, DEVICE
 
-from comal_openrlhf.kernels import resolve_backend, sequence_logps, triton_runs_on_cpu
+from comal_openrlhf.kernels import resolve_backend, sequence_logps
 from comal_openrlhf.kernels.reference import sequence_logps_reference
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-TRITON = pytest.param(
-    "triton",
-    marks=pytest.mark.skipif(
-        not CUDA and not triton_runs_on_cpu(),
-        reason="no CUDA and triton was imported before comal_openrlhf.kernels, so its interpreter is off",
-    ),
-)
-BACKENDS = ["torch", TRITON]
 DTYPES = [torch.float32, torch.bfloat16]
 
 

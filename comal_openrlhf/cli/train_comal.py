@@ -252,17 +252,6 @@ def train(args):
         )
 
     try:
-        probe = resolve_plan(
-            args.comal.algo,
-            args.comal.prox,
-            args.comal.ref_weight,
-            args.comal.ref_update_interval,
-            args.comal.iterations,
-            args.model.beta,
-            args.comal.beta_schedule,
-            args.model.ipo_enable,
-        )
-        source = make_source(args, strategy, tokenizer, probe.prox)
         plan = resolve_plan(
             args.comal.algo,
             args.comal.prox,
@@ -272,8 +261,10 @@ def train(args):
             args.model.beta,
             args.comal.beta_schedule,
             args.model.ipo_enable,
-            default_iterations=source.num_iterations,
         )
+        source = make_source(args, strategy, tokenizer, plan.prox)
+        if args.comal.iterations is None and source.num_iterations is not None:
+            plan.iterations = source.num_iterations  # one iteration per file of the offline source
     except (ValueError, DataError) as e:
         raise SystemExit(f"[comal] {e}") from None
     if args.ds.ring_attn_size > 1:
