@@ -125,7 +125,6 @@ class COMALTrainer(DPOTrainer):
         self.policy_weighting = policy_weighting
         self.mass_coef = mass_coef
         self.eval_dataset = eval_dataset
-        self.rows = []
         self.loss_fn = ProxLoss(plan.prox, plan.beta_at(0), plan.ref_weight, args.model.label_smoothing)
         self.state_dir = args.ckpt.path.rstrip("/") + "_comal"
         self.history_path = os.path.join(args.ckpt.output_dir, "comal_iterations.jsonl")
@@ -318,7 +317,6 @@ class COMALTrainer(DPOTrainer):
                     old = self.iter_state_path(k - 1)
                     if os.path.exists(old):
                         os.remove(old)
-            self.rows = dataset.rows
             if self.policy_weighting:
                 policy_weights(dataset, cache)
             if plan.prox in NEEDS_WIN_RATES and torch.isnan(dataset.fields[:, :2]).any():
@@ -468,7 +466,7 @@ class COMALTrainer(DPOTrainer):
             for batch in loader:
                 if self.micro_step >= total:
                     break
-                logs = self._train_step(batch, cache, dataset.fields, pad)
+                logs = self._train_step(batch, cache, dataset, pad)
                 for n, v in logs.items():
                     sums[n] = sums.get(n, 0.0) + v
                 count += 1
@@ -489,12 +487,12 @@ class COMALTrainer(DPOTrainer):
         step_bar.close()
         return {n: v / max(count, 1) for n, v in sums.items()}
 
-    def _train_step(self, batch, cache, fields, pad):
+    def _train_step(self, batch, cache, dataset, pad):
         idx = batch[-1]
         device = next(self.model.parameters()).device
         pi_w, pi_l, nll = pair_logps(self.model, batch, pad, self.logps_kernel)
         c = cache[idx].to(device)
-        f = fields[idx].to(device)
+        f = dataset.fields[idx].to(device)
         loss, chosen_reward, reject_reward = self.loss_fn(
             pi_w,
             pi_l,
@@ -509,7 +507,7 @@ class COMALTrainer(DPOTrainer):
         )
         total = loss + (nll * self.args.model.nll_loss_coef if self.nll_loss else 0)
         if self.mass_coef > 0:
-            total = total + self.mass_coef * support_mass_penalty(idx, self.rows, pi_w, pi_l, c[:, 0], c[:, 1])
+            total = total + self.mass_coef * support_mass_penalty(idx, dataset.rows, pi_w, pi_l, c[:, 0], c[:, 1])
         bad = torch.tensor([0.0 if torch.isfinite(total) else 1.0])
         if self.world > 1:
             dist.all_reduce(bad)

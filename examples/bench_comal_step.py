@@ -86,7 +86,6 @@ def main():
 
     rows = [PairRow(text(16) + " ", text(a.seq), text(a.seq)) for _ in range(a.pairs)]
     dataset = PairDataset(rows, tok, args.data.max_len)
-    trainer.rows = rows
     t = time.perf_counter()
     cache = trainer.precompute(dataset)
     precompute_s = time.perf_counter() - t
@@ -105,7 +104,7 @@ def main():
         strategy.optimizer_step(optim, model, scheduler)
 
     def comal_step():
-        trainer._train_step(batch, cache, dataset.fields, pad)
+        trainer._train_step(batch, cache, dataset, pad)
 
     def timed(fn):
         for _ in range(a.warmup):
@@ -119,7 +118,7 @@ def main():
 
     def comal_kernel_step():
         trainer.logps_kernel = "torch"
-        trainer._train_step(batch, cache, dataset.fields, pad)
+        trainer._train_step(batch, cache, dataset, pad)
         trainer.logps_kernel = "openrlhf"
 
     # interleave so that drift of the machine hits all alike
