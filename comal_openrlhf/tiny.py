@@ -44,10 +44,12 @@ def build_tiny_llama(
     intermediate_size=64,
     max_positions=256,
     seed=0,
+    reward_head=False,
 ):
-    """Save a tiny Llama + tokenizer to ``path`` and return ``path``."""
+    """Save a tiny Llama + tokenizer to ``path`` and return ``path``. ``reward_head``: a scalar "score" head
+    (LlamaForSequenceClassification, num_labels 1), the layout OpenRLHF's reward-model loader reads."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     tokenizer = build_tokenizer(words)
     config = LlamaConfig(
@@ -62,9 +64,10 @@ def build_tiny_llama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        num_labels=1,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = (LlamaForSequenceClassification if reward_head else LlamaForCausalLM)(config)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

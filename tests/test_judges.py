@@ -163,30 +163,9 @@ def test_flags_hierarchize_into_args_judge(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_rm(tmp_path_factory):
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from comal_openrlhf.tiny import build_tiny_llama
 
-    from comal_openrlhf.tiny import build_tokenizer
-
-    path = str(tmp_path_factory.mktemp("tiny_rm"))
-    tok = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        num_labels=1,  # a scalar "score" head: the layout OpenRLHF's reward model loads
-    )
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return build_tiny_llama(str(tmp_path_factory.mktemp("tiny_rm")), reward_head=True)
 
 
 PROMPTS = ["question pick one ?"] * 3
