@@ -133,22 +133,23 @@ def loss_step(P, log_mu, log_ref, eta, tau, prox="ipo", opponent=None):
     import torch
 
     from comal_openrlhf.losses import ProxLoss
+    from comal_openrlhf.record import PairBatch
 
     n = len(P)
     s = np.exp(log_mu) if opponent is None else opponent
     i, j = (a.ravel() for a in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)
     log_mu_t, log_ref_t, wins = t(log_mu), t(log_ref), t(P @ s)
-    pairs = {
-        "mu_w": log_mu_t[i],
-        "mu_l": log_mu_t[j],
-        "ref_w": log_ref_t[i],
-        "ref_l": log_ref_t[j],
-        "p_w": wins[i],
-        "p_l": wins[j],
-        "soft_label": t(P[i, j]),
-        "weight": t(s[i] * s[j]),  # the exact expectation over ordered pairs y, y' ~ s
-    }
+    pairs = PairBatch(
+        logp_mu_chosen=log_mu_t[i],
+        logp_mu_rejected=log_mu_t[j],
+        logp_ref_chosen=log_ref_t[i],
+        logp_ref_rejected=log_ref_t[j],
+        chosen_winrate=wins[i],
+        rejected_winrate=wins[j],
+        soft_label=t(P[i, j]),
+        weight=t(s[i] * s[j]),  # the exact expectation over ordered pairs y, y' ~ s (weights sum to 1)
+    )
     loss_fn = ProxLoss(prox, beta=1 / eta, ref_weight=eta * tau)
     theta = ((1 - eta * tau) * log_mu_t + eta * tau * log_ref_t).clone().requires_grad_(True)
     opt = torch.optim.LBFGS(
@@ -158,7 +159,7 @@ def loss_step(P, log_mu, log_ref, eta, tau, prox="ipo", opponent=None):
     def closure():
         opt.zero_grad()
         logp = torch.log_softmax(theta, 0)
-        loss = loss_fn(logp[i], logp[j], **pairs)[0]
+        loss = loss_fn(logp[i], logp[j], pairs, reduction_size=1)[0]
         loss.backward()
         return loss
 

@@ -16,6 +16,8 @@ and ``ipo`` exactly OpenRLHF's DPOLoss (tests/test_losses.py). Inputs are per-pa
 h = Delta_pi - Delta_C with Delta_X = log X(y_w) - log X(y_l).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -84,13 +86,21 @@ def rebel_loss(h: torch.Tensor, p_w: torch.Tensor, p_l: torch.Tensor, beta: floa
 
 
 class ProxLoss(torch.nn.Module):
-    """The COMAL prox loss behind OpenRLHF's DPOLoss call contract, plus the last iterate mu and win rates.
+    """The COMAL prox loss on a micro-batch of an iteration record (comal_openrlhf.record.PairBatch).
 
     ``kind`` is one of PROX_LOSSES, ``beta`` = 1/eta (settable between rounds by a beta schedule), ``ref_weight``
-    = r = eta*tau in [0, 1). ``forward`` returns (loss, chosen_reward, rejected_reward) where the rewards are
-    beta * (log pi - log C) of each side, i.e. OpenRLHF's DPO rewards with the prox centre as the reference.
-    ``soft_label`` (ipo, dpo) replaces the hard label y_w > y_l; sppo and rebel read the win rates ``p_w``, ``p_l``
-    instead. With ``weight`` the loss is the weighted mean sum(w * l) / sum(w).
+    = r = eta*tau in [0, 1). ``forward(pi_w, pi_l, batch)`` takes the policy's sequence log-probs of the chosen and
+    rejected responses and the batch's cached log mu_k, log ref, win rates, soft labels and weights, and returns
+    (loss, chosen_reward, rejected_reward) with the rewards beta * (log pi - log C) of each side, i.e. OpenRLHF's DPO
+    rewards with the prox centre as the reference (openrlhf/models/loss.py DPOLoss).
+
+    The label of a pair is decided in one place: its soft label P(y_w > y_l) when it has one (not NaN), else a hard
+    "y_w wins", which the dpo loss smooths to 1 - ``label_smoothing`` as OpenRLHF's DPOLoss does (OpenRLHF's IPO
+    ignores label smoothing, and so does ``ipo`` here). sppo and rebel read the win rates instead.
+
+    Reduction: sum_i w_i l_i / ``reduction_size`` (default: the batch size). The record's weights have mean 1 over
+    the iteration, so passing the nominal micro-batch size makes every optimizer step follow the gradient of the
+    iteration's weighted mean, however the pairs are split into micro-batches and ranks.
     """
 
     def __init__(self, kind: str, beta: float, ref_weight: float = 0.0, label_smoothing: float = 0.0) -> None:
@@ -99,6 +109,8 @@ class ProxLoss(torch.nn.Module):
             raise ValueError(f"unknown prox loss {kind!r}; choose one of {', '.join(PROX_LOSSES)}")
         if not 0.0 <= ref_weight < 1.0:
             raise ValueError(f"ref_weight r = eta*tau must lie in [0, 1), got {ref_weight}")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
         self.kind = kind
         self.beta = beta
         self.ref_weight = ref_weight
@@ -110,38 +122,31 @@ class ProxLoss(torch.nn.Module):
 
     @beta.setter
     def beta(self, value: float) -> None:
-        if not value > 0:
-            raise ValueError(f"beta must be > 0, got {value}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"beta must be a finite number > 0, got {value}")
         self._beta = float(value)
 
+    def labels(self, soft_label: torch.Tensor) -> torch.Tensor:
+        """P(y_w beats y_l) per pair: the soft label where given, else the hard label (smoothed for dpo)."""
+        hard = 1.0 - self.label_smoothing if self.kind == "dpo" else 1.0
+        return torch.where(torch.isnan(soft_label), torch.full_like(soft_label, hard), soft_label)
+
     def forward(
-        self,
-        pi_w: torch.Tensor,
-        pi_l: torch.Tensor,
-        mu_w: torch.Tensor,
-        mu_l: torch.Tensor,
-        ref_w: torch.Tensor,
-        ref_l: torch.Tensor,
-        p_w: torch.Tensor | None = None,
-        p_l: torch.Tensor | None = None,
-        soft_label: torch.Tensor | None = None,
-        weight: torch.Tensor | None = None,
+        self, pi_w: torch.Tensor, pi_l: torch.Tensor, batch, reduction_size: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         beta, r = self.beta, self.ref_weight
-        rw = pi_w - prox_centre(mu_w, ref_w, r)
-        rl = pi_l - prox_centre(mu_l, ref_l, r)
+        rw = pi_w - prox_centre(batch.logp_mu_chosen, batch.logp_ref_chosen, r)
+        rl = pi_l - prox_centre(batch.logp_mu_rejected, batch.logp_ref_rejected, r)
         h = rw - rl
-        if self.kind in NEEDS_WIN_RATES and (p_w is None or p_l is None):
-            raise ValueError(f"prox loss {self.kind!r} needs the win rates p_w and p_l of both responses")
-
         if self.kind == "ipo":
-            losses = ipo_loss(h, beta, soft_label)
+            losses = ipo_loss(h, beta, self.labels(batch.soft_label))
         elif self.kind == "dpo":
-            losses = dpo_loss(h, beta, self.label_smoothing, soft_label)
-        elif self.kind == "sppo":
-            losses = sppo_loss(rw, rl, p_w, p_l, beta)
+            losses = dpo_loss(h, beta, soft_label=self.labels(batch.soft_label))
         else:
-            losses = rebel_loss(h, p_w, p_l, beta)
-
-        loss = losses.mean() if weight is None else (losses * weight).sum() / weight.sum()
+            p_w, p_l = batch.chosen_winrate, batch.rejected_winrate
+            if torch.isnan(p_w).any() or torch.isnan(p_l).any():
+                raise ValueError(f"prox loss {self.kind!r} needs the win rates of both responses of every pair")
+            losses = sppo_loss(rw, rl, p_w, p_l, beta) if self.kind == "sppo" else rebel_loss(h, p_w, p_l, beta)
+        n = len(losses) if reduction_size is None else reduction_size
+        loss = (losses * batch.weight.to(losses.dtype)).sum() / n
         return loss, beta * rw.detach(), beta * rl.detach()

@@ -23,6 +23,7 @@ Rules (one list of pairs per call):
 Ties in win rate keep the order of first appearance, so ``top2`` and ``best_worst`` are deterministic.
 """
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -32,15 +33,39 @@ from comal_openrlhf.judges.base import judge_pairs
 RULES = ("top2", "best_worst", "sampled", "all_soft")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Pair:
+    """One preference pair: the one pair type of the project (offline files, the online source, the judge command,
+    the training record).
+
+    ``prompt`` is the text the policy is conditioned on where the pair lives: the raw prompt in a pairs file and in
+    the judge's hands, the templated prompt once ``data.RowFormatter`` has formatted it for training.
+    ``soft_label`` is P(chosen beats rejected) for a soft pair and NaN for a hard pair (then the label is
+    "chosen wins", with ``--model.label_smoothing`` for the dpo loss). The win rates are P(y beats mu_k) of each side
+    (NaN when unknown; the sppo and rebel losses need them). ``weight`` is the pair's share of the prox loss's
+    expectation over y, y' ~ mu_k (1 for a pair drawn from that distribution). ``origin`` says where it came from
+    (file:line, iteration) for error messages.
+    """
+
     prompt: str
     chosen: str
     rejected: str
-    soft_label: float  # P(chosen beats rejected) for all_soft; 1.0 for hard pairs
-    chosen_winrate: float
-    rejected_winrate: float
-    weight: float = 1.0  # all_soft: c(chosen) c(rejected) / sum over the prompt's pairs (the mu_k x mu_k estimate)
+    chosen_winrate: float = math.nan
+    rejected_winrate: float = math.nan
+    soft_label: float = math.nan
+    weight: float = 1.0
+    origin: str = ""
+
+    def to_row(self, prompt_key="prompt", chosen_key="chosen", rejected_key="rejected"):
+        """The JSON row of the offline pairs format (``iter_NNN.jsonl``); unknown (NaN) fields are left out."""
+        row = {prompt_key: self.prompt, chosen_key: self.chosen, rejected_key: self.rejected}
+        for name in ("chosen_winrate", "rejected_winrate", "soft_label"):
+            value = getattr(self, name)
+            if not math.isnan(value):
+                row[name] = value
+        if self.weight != 1.0:
+            row["weight"] = self.weight
+        return row
 
 
 @dataclass
@@ -116,9 +141,9 @@ def build_pairs(groups, judge, rule, rng=None, both_orders=True, pairs_per_promp
         winrate = (W @ c - 0.5) / (c.sum() - 1)
         order = np.argsort(-winrate, kind="stable")
         if rule == "top2":
-            picks = [(order[0], order[1], 1.0)]
+            picks = [(order[0], order[1], math.nan)]
         elif rule == "best_worst":
-            picks = [(order[0], order[-1], 1.0)]
+            picks = [(order[0], order[-1], math.nan)]
         elif rule == "all_soft":
             iu, ju = np.triu_indices(len(u), k=1)
             picks = [(i, j, W[i, j]) if W[i, j] >= 0.5 else (j, i, W[j, i]) for i, j in zip(iu, ju)]
@@ -130,7 +155,7 @@ def build_pairs(groups, judge, rule, rng=None, both_orders=True, pairs_per_promp
             picks = []
             for k in rng.choice(weights.size, size=pairs_per_prompt, p=weights.ravel() / weights.sum()):
                 i, j = divmod(int(k), len(u))
-                picks.append((i, j, 1.0) if rng.random() < W[i, j] else (j, i, 1.0))
+                picks.append((i, j, math.nan) if rng.random() < W[i, j] else (j, i, math.nan))
         if rule != "all_soft":
             weights = {}
         pairs += [
@@ -138,10 +163,10 @@ def build_pairs(groups, judge, rule, rng=None, both_orders=True, pairs_per_promp
                 prompt,
                 u[i],
                 u[j],
-                float(lab),
-                float(winrate[i]),
-                float(winrate[j]),
-                float(weights.get((min(i, j), max(i, j)), 1.0)),
+                chosen_winrate=float(winrate[i]),
+                rejected_winrate=float(winrate[j]),
+                soft_label=float(lab),
+                weight=float(weights.get((min(i, j), max(i, j)), 1.0)),
             )
             for i, j, lab in picks
         ]

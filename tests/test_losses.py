@@ -18,7 +18,24 @@ from comal_openrlhf.losses import (
     sppo_loss,
 )
 
+from comal_openrlhf.record import PairBatch
+
 T = lambda *x: torch.tensor(x, dtype=torch.float64)
+
+
+def B(mu_w, mu_l, ref_w, ref_l, p_w=None, p_l=None, soft_label=None, weight=None):
+    """A PairBatch from explicit tensors; unknown win rates and hard labels are NaN, weights 1."""
+    nan = torch.full_like(mu_w, float("nan"))
+    return PairBatch(
+        chosen_winrate=nan if p_w is None else p_w,
+        rejected_winrate=nan if p_l is None else p_l,
+        soft_label=nan if soft_label is None else soft_label,
+        weight=torch.ones_like(mu_w) if weight is None else weight,
+        logp_mu_chosen=mu_w,
+        logp_mu_rejected=mu_l,
+        logp_ref_chosen=ref_w,
+        logp_ref_rejected=ref_l,
+    )
 
 
 def test_prox_centre_by_hand():
@@ -64,13 +81,29 @@ def test_rebel_by_hand():
 def test_prox_loss_by_hand():
     # beta = 1/2 (c = 1), r = 1/2. log C_w = (-1 - 3)/2 = -2, log C_l = (-1 - 1)/2 = -1
     # rw = -1 - (-2) = 1, rl = -2 - (-1) = -1, h = 2 -> (2 - 1)^2 = 1; rewards beta*r = 0.5, -0.5
-    loss, cr, rr = ProxLoss("ipo", beta=0.5, ref_weight=0.5)(T(-1.0), T(-2.0), T(-1.0), T(-1.0), T(-3.0), T(-1.0))
+    loss, cr, rr = ProxLoss("ipo", beta=0.5, ref_weight=0.5)(T(-1.0), T(-2.0), B(T(-1.0), T(-1.0), T(-3.0), T(-1.0)))
     assert loss.item() == pytest.approx(1.0)
     assert cr.item() == pytest.approx(0.5) and rr.item() == pytest.approx(-0.5)
-    # weighted mean over two pairs, h = 2 and h = 3 (losses 1 and 4), weights 3 and 1: (3*1 + 1*4)/4 = 1.75
+    # two pairs, h = 2 and h = 3 (losses 1 and 4), weights 1.5 and 0.5 (mean 1, as a record holds them):
+    # sum w l / n = (1.5*1 + 0.5*4) / 2 = 1.75; with reduction_size 4 (a nominal micro-batch of 4): 3.5 / 4
     z = T(0.0, 0.0)
-    loss, _, _ = ProxLoss("ipo", beta=0.5)(T(2.0, 3.0), z, z, z, z, z, weight=T(3.0, 1.0))
+    loss, _, _ = ProxLoss("ipo", beta=0.5)(T(2.0, 3.0), z, B(z, z, z, z, weight=T(1.5, 0.5)))
     assert loss.item() == pytest.approx(1.75)
+    loss, _, _ = ProxLoss("ipo", beta=0.5)(T(2.0, 3.0), z, B(z, z, z, z, weight=T(1.5, 0.5)), reduction_size=4)
+    assert loss.item() == pytest.approx(0.875)
+
+
+def test_one_rule_for_the_label_soft_else_smoothed_hard():
+    # dpo, beta = 1, h = 1: hard label with smoothing 0.2 is the soft label 0.8:
+    #   -0.8 log sigmoid(1) - 0.2 log sigmoid(-1) = 0.8 * 0.313262 + 0.2 * 1.313262 = 0.513262
+    z, one = T(0.0), T(1.0)
+    loss_fn = ProxLoss("dpo", beta=1.0, label_smoothing=0.2)
+    hard = loss_fn(one, z, B(z, z, z, z))[0]
+    assert hard.item() == pytest.approx(0.8 * 0.3132617 + 0.2 * 1.3132617, abs=1e-6)
+    # an explicit soft label wins over smoothing: soft 1.0 -> -log sigmoid(1) = 0.313262
+    assert loss_fn(one, z, B(z, z, z, z, soft_label=T(1.0)))[0].item() == pytest.approx(0.3132617, abs=1e-6)
+    # ipo ignores label smoothing, as OpenRLHF's IPO does: (1 - 1/2)^2 = 0.25
+    assert ProxLoss("ipo", beta=1.0, label_smoothing=0.2)(one, z, B(z, z, z, z))[0].item() == pytest.approx(0.25)
 
 
 def test_soft_labels_at_0_and_1_are_the_hard_forms():
@@ -91,9 +124,9 @@ def test_r0_centre_is_mu(kind):
     pi_w, pi_l, mu_w, mu_l, ref_w, ref_l = (-5 * torch.rand(8, generator=g, dtype=torch.float64) for _ in range(6))
     p_w, p_l = (torch.rand(8, generator=g, dtype=torch.float64) for _ in range(2))
     wins = {"p_w": p_w, "p_l": p_l}
-    base = ProxLoss(kind, beta=0.7, ref_weight=0.0)(pi_w, pi_l, mu_w, mu_l, ref_w, ref_l, **wins)
-    other_ref = ProxLoss(kind, beta=0.7, ref_weight=0.0)(pi_w, pi_l, mu_w, mu_l, ref_w - 3, ref_l + 1, **wins)
-    ref_is_mu = ProxLoss(kind, beta=0.7, ref_weight=0.4)(pi_w, pi_l, mu_w, mu_l, mu_w, mu_l, **wins)
+    base = ProxLoss(kind, beta=0.7, ref_weight=0.0)(pi_w, pi_l, B(mu_w, mu_l, ref_w, ref_l, **wins))
+    other_ref = ProxLoss(kind, beta=0.7, ref_weight=0.0)(pi_w, pi_l, B(mu_w, mu_l, ref_w - 3, ref_l + 1, **wins))
+    ref_is_mu = ProxLoss(kind, beta=0.7, ref_weight=0.4)(pi_w, pi_l, B(mu_w, mu_l, mu_w, mu_l, **wins))
     for a, b in zip(base, other_ref):
         torch.testing.assert_close(a, b)
     for a, b in zip(base, ref_is_mu):
@@ -110,7 +143,7 @@ def test_matches_openrlhf_dpoloss(kind, ls):
 
     g = torch.Generator().manual_seed(1)
     pc, pr, rc, rr = (-20 * torch.rand(16, generator=g) for _ in range(4))
-    ours = ProxLoss(kind, beta=0.1, ref_weight=0.0, label_smoothing=ls)(pc, pr, rc, rr, rc - 7, rr + 7)
+    ours = ProxLoss(kind, beta=0.1, ref_weight=0.0, label_smoothing=ls)(pc, pr, B(rc, rr, rc - 7, rr + 7))
     theirs = DPOLoss(0.1, label_smoothing=ls, ipo=kind == "ipo")(pc, pr, rc, rr)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)
@@ -119,11 +152,12 @@ def test_matches_openrlhf_dpoloss(kind, ls):
 def test_beta_is_settable_and_validated():
     loss = ProxLoss("ipo", beta=1.0)
     z = T(0.0)
-    assert loss(z, z, z, z, z, z)[0].item() == pytest.approx(0.25)  # (0 - 1/2)^2
+    assert loss(z, z, B(z, z, z, z))[0].item() == pytest.approx(0.25)  # (0 - 1/2)^2
     loss.beta = 0.5
-    assert loss(z, z, z, z, z, z)[0].item() == pytest.approx(1.0)  # (0 - 1)^2
-    with pytest.raises(ValueError, match="beta"):
-        loss.beta = 0.0
+    assert loss(z, z, B(z, z, z, z))[0].item() == pytest.approx(1.0)  # (0 - 1)^2
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="beta"):
+            loss.beta = bad
 
 
 def test_errors():
@@ -137,13 +171,13 @@ def test_errors():
     z = T(0.0)
     for kind in sorted(NEEDS_WIN_RATES):
         with pytest.raises(ValueError, match="win rates"):
-            ProxLoss(kind, beta=1.0)(z, z, z, z, z, z, p_w=z)
+            ProxLoss(kind, beta=1.0)(z, z, B(z, z, z, z, p_w=z))
 
 
 def test_gradient_reaches_only_the_policy():
     pi = T(-1.0, -2.0).requires_grad_(True)
     mu = T(-1.5, -1.5).requires_grad_(True)
-    loss, cr, _ = ProxLoss("ipo", beta=1.0, ref_weight=0.3)(pi[:1], pi[1:], mu[:1], mu[1:], T(-1.0), T(-1.0))
+    loss, cr, _ = ProxLoss("ipo", beta=1.0, ref_weight=0.3)(pi[:1], pi[1:], B(mu[:1], mu[1:], T(-1.0), T(-1.0)))
     loss.backward()
     assert pi.grad is not None and not cr.requires_grad
     # d/d pi_w (h - c)^2 = 2 (h - c), h = -1 - (-2) = 1, c = 1/2 -> 1; and -1 for pi_l

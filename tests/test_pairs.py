@@ -1,5 +1,7 @@
 """Pair building on hand-made win matrices (table judges), with the win-rate arithmetic written out."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -42,7 +44,14 @@ def test_win_matrix():
 def test_hard_rules(rule, chosen, rejected):
     pairs, stats = build_pairs([("q", ["y", "z", "x", "w"])], JUDGE, rule)
     assert pairs == [
-        Pair("q", chosen, rejected, 1.0, pytest.approx(WINRATE[chosen]), pytest.approx(WINRATE[rejected]))
+        Pair(
+            "q",
+            chosen,
+            rejected,
+            chosen_winrate=pytest.approx(WINRATE[chosen]),
+            rejected_winrate=pytest.approx(WINRATE[rejected]),
+            soft_label=pytest.approx(float("nan"), nan_ok=True),
+        )
     ]
     assert stats.pairs == 1 and stats.judge_calls == 12  # 6 unordered pairs, both orders
 
@@ -87,7 +96,7 @@ def test_sampled_follows_counts_and_judge_probability():
     pairs, stats = build_pairs(
         [("q", ["w", "w", "x", "y"])], JUDGE, "sampled", np.random.default_rng(0), pairs_per_prompt=n
     )
-    assert stats.pairs == n and all(p.soft_label == 1.0 and p.chosen != p.rejected for p in pairs)
+    assert stats.pairs == n and all(math.isnan(p.soft_label) and p.chosen != p.rejected for p in pairs)
     freq = {}
     for p in pairs:
         key = frozenset((p.chosen, p.rejected))

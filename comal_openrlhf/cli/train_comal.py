@@ -18,6 +18,7 @@ import importlib.util
 import os
 from datetime import datetime  # noqa: F401  (train_dpo's parser statements use it)
 
+from comal_openrlhf.logps import LOGPS_KERNELS
 from comal_openrlhf.schedule import PRESETS, PROXES
 
 ALGO_HELP = (
@@ -107,7 +108,7 @@ def add_comal_args(parser):
         "--comal.logps_kernel",
         type=str,
         default="auto",
-        choices=["auto", "triton", "torch", "openrlhf"],
+        choices=list(LOGPS_KERNELS),
         help="Sequence log-prob path: auto = fused Triton kernel on CUDA, chunked torch kernel on CPU (no fp32 copy "
         "of the logits); triton; torch; openrlhf = OpenRLHF's own path (fp32 copy of all logits)",
     )

@@ -10,11 +10,9 @@ p(a, b) and 1 - p(b, a), which cancels a judge's position bias and makes the res
 
 import numpy as np
 
+from comal_openrlhf.errors import JudgeError
+
 PROB_TOLERANCE = 1e-6
-
-
-class JudgeError(RuntimeError):
-    """A judge could not produce valid probabilities (bad output, unreachable server, refused code...)."""
 
 
 def check_probs(name, p, n):

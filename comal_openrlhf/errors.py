@@ -1,0 +1,39 @@
+"""Typed errors of the plugin. Library code raises these; only the command lines (``train_comal``, ``demo``,
+``evaluate``, ``generate``, ``judge``, the game lab) turn them into one message and a non-zero exit.
+
+    COMALError
+    ├── BadInputError      a data file, row or setting that cannot be used (names the file, line or flag)
+    │   └── DataError      a malformed data file (kept as the historical name for file/line errors)
+    ├── PlanError          a run plan that cannot work, or a resume that does not match its checkpoint
+    ├── JudgeError         a judge that cannot produce valid probabilities
+    ├── NonFiniteLossError training produced a NaN/inf loss
+    └── RunLockError       another run holds the checkpoint directory
+"""
+
+
+class COMALError(RuntimeError):
+    """Base of every error the plugin raises on purpose; the message is meant for the user as is."""
+
+
+class BadInputError(COMALError, ValueError):
+    """Input that cannot be used: the message names the file and line, the row, or the flag."""
+
+
+class DataError(BadInputError):
+    """A malformed input file: the message names the file and the line."""
+
+
+class PlanError(COMALError, ValueError):
+    """Settings that cannot work together, or a resume whose checkpoint was written with other settings."""
+
+
+class JudgeError(COMALError):
+    """A judge could not produce valid probabilities (bad output, unreachable server, refused code...)."""
+
+
+class NonFiniteLossError(COMALError):
+    """A NaN or inf loss: training stops, the last good checkpoint is kept."""
+
+
+class RunLockError(COMALError):
+    """Another live process holds the run directory (or a stale lock was found)."""
