@@ -1,5 +1,5 @@
-"""Judged samples -> preference pairs (COMAL spec section 5, steps 2 and 3). Plain NumPy; the judge is any object
-with ``prob(prompts, a, b)`` (see ``comal_openrlhf.judges``).
+"""Judged samples -> preference pairs (arXiv 2410.23223: the pairs of one iteration). Plain NumPy; the judge is any
+object with ``prob(prompts, a, b)`` (see ``comal_openrlhf.judges``).
 
 Per prompt, the n sampled responses are cleaned first: invalid ones (not a string, empty or whitespace-only) are
 excluded and counted, identical strings are merged into one distinct response with a count, and a prompt with fewer
@@ -12,13 +12,35 @@ of u_i against the current policy mu_k is the mean P against the OTHER N - 1 sam
 
 Rules (one list of pairs per call):
 
-- ``top2``        chosen = best win rate, rejected = second best (the official COMAL code); one pair per prompt.
-- ``best_worst``  chosen = best, rejected = worst; one pair per prompt.
-- ``sampled``     y, y' drawn from mu_k (the valid multiset) conditioned on being different strings (P(u_i, u_j)
-                  proportional to c_i c_j), chosen = y with probability W[y][y']: an unbiased sample of the
-                  pairs the prox loss assumes (spec section 4; identical pairs carry no gradient, so conditioning
-                  them away keeps the minimiser). ``pairs_per_prompt`` draws per prompt.
-- ``all_soft``    every unordered pair of distinct responses once, soft_label = P(chosen beats rejected) >= 1/2.
+- ``top2``        chosen = best win rate, rejected = second best (the official COMAL code); one pair per prompt,
+                  weight 1. Not a sample of y, y' ~ mu_k: it gives up the convergence guarantee (see below).
+- ``best_worst``  chosen = best, rejected = worst; one pair per prompt, weight 1. Same caveat.
+- ``sampled``     an ordered pair of distinct responses drawn with probability proportional to c_i c_j, chosen =
+                  the first with probability W[i][j] (a hard label drawn from the judge); ``pairs_per_prompt`` draws
+                  per prompt, each of weight (N^2 - sum_i c_i^2) / (N (N - 1) pairs_per_prompt).
+- ``all_soft``    every unordered pair {u_i, u_j} of distinct responses once, oriented so that
+                  soft_label = P(chosen beats rejected) >= 1/2, weight 2 c_i c_j / (N (N - 1)).
+
+Why these weights (the prox loss of arXiv 2410.23223, INPO's loss of arXiv 2407.00617 with the prox centre):
+the prox loss of an iteration is an expectation over a prompt x and a pair y, y' ~ mu_k x mu_k labelled by P,
+L = E_x E_{y, y'} l(y, y'). With N i.i.d. samples y_1..y_N of a prompt, the U-statistic over ordered pairs of
+distinct sample positions, (1 / (N (N - 1))) sum_{a != b} l(y_a, y_b), is an unbiased estimate of the inner
+expectation. Grouping positions by string, the ordered pairs (u_i, u_j), i != j, occur c_i c_j times, and the
+pairs of positions holding the same string (c_i (c_i - 1) of them) carry no gradient for the pair losses (h = 0:
+the ipo, dpo and rebel losses of a tie are constants; sppo is the exception, a sum of per-response regressions whose
+ties do pull, so for sppo these weights under-count frequent responses). The pair losses are symmetric
+under swapping chosen and rejected together with the label (l(u_i, u_j) with label W[i][j] equals l(u_j, u_i) with
+label W[j][i]), so the two orders merge into the unordered pair of ``all_soft`` with weight 2 c_i c_j / (N (N - 1)):
+the pairs of a prompt sum to the U-statistic exactly, up to a constant. ``sampled`` replaces that sum by draws: a
+draw is (u_i, u_j) with probability c_i c_j / (N^2 - sum c^2) and its hard label has expectation W[i][j] (the soft
+loss is the hard loss's expectation over the label), so weight (N^2 - sum c^2) / (N (N - 1)) = the share of
+ordered position pairs that hold distinct strings makes the expected weighted loss the same U-statistic. That factor
+is not a constant: a prompt whose samples are mostly copies (a policy close to deterministic there) must count
+less, and dropping it (weight 1 per draw) biases the estimate just as renormalising each prompt's weights to sum 1
+does (in the game lab either moves the fixed point away from the Nash). There is no per-prompt normalisation;
+the trainer divides by the iteration's total weight (mean 1 over every pair of the iteration), a constant of the
+iteration, so only the relative weights across prompts above matter. A prompt with fewer than two distinct valid
+responses contributes only ties: dropping it changes nothing but that constant.
 
 Ties in win rate keep the order of first appearance, so ``top2`` and ``best_worst`` are deterministic.
 """
@@ -40,11 +62,12 @@ class Pair:
 
     ``prompt`` is the text the policy is conditioned on where the pair lives: the raw prompt in a pairs file and in
     the judge's hands, the templated prompt once ``data.RowFormatter`` has formatted it for training.
-    ``soft_label`` is P(chosen beats rejected) for a soft pair and NaN for a hard pair (then the label is
-    "chosen wins", with ``--model.label_smoothing`` for the dpo loss). The win rates are P(y beats mu_k) of each side
-    (NaN when unknown; the sppo and rebel losses need them). ``weight`` is the pair's share of the prox loss's
-    expectation over y, y' ~ mu_k (1 for a pair drawn from that distribution). ``origin`` says where it came from
-    (file:line, iteration) for error messages.
+    ``soft_label`` is P(chosen beats rejected) for a soft pair and NaN for a hard pair (then the label is "chosen
+    wins", with ``--model.label_smoothing`` for the dpo loss). The win rates are P(y beats mu_k) of each side (NaN
+    when unknown; the sppo and rebel losses need them). ``weight`` is the pair's share of the prox loss's expectation
+    over y, y' ~ mu_k, only relative across the iteration (``build_pairs``: c_i c_j / (N (N - 1)) per order; 1 for
+    the rules that do not sample that distribution and for a file without weights). ``origin`` says where it came
+    from (file:line, iteration) for error messages.
     """
 
     prompt: str
@@ -111,6 +134,20 @@ def _win_matrices(judge, groups, both_orders, batch_size):
     return out
 
 
+def sampled_law(counts, W):
+    """The ``sampled`` rule for one prompt with sample counts ``counts`` (c) and win matrix ``W``:
+    (law, weight), law[i][j] = P(a draw gives chosen u_i, rejected u_j) = 2 c_i c_j W[i][j] / (N^2 - sum c^2) for
+    i != j (the unordered pair with probability 2 c_i c_j / (N^2 - sum c^2), then the judge's label), zero on the
+    diagonal; weight = (N^2 - sum c^2) / (N (N - 1)), the weight of one draw per prompt (module docstring).
+    ``build_pairs`` draws from it; the game lab (comal_openrlhf.game) takes its exact expectation."""
+    c = np.asarray(counts, dtype=np.float64)
+    n = c.sum()
+    distinct = n * n - np.sum(c * c)  # sum over i != j of c_i c_j
+    law = 2 * np.outer(c, c) * np.asarray(W, dtype=np.float64) / distinct
+    np.fill_diagonal(law, 0.0)
+    return law, distinct / (n * (n - 1))
+
+
 def build_pairs(groups, judge, rule, rng=None, both_orders=True, pairs_per_prompt=1, batch_size=512):
     """``groups``: list of (prompt, [responses]) -> (list[Pair], PairStats). ``rng`` (np.random.Generator) is needed
     by ``sampled`` only."""
@@ -118,6 +155,8 @@ def build_pairs(groups, judge, rule, rng=None, both_orders=True, pairs_per_promp
         raise ValueError(f"unknown pair rule {rule!r}; choose one of {', '.join(RULES)}")
     if rule == "sampled" and rng is None:
         raise ValueError("rule 'sampled' needs rng (a numpy Generator)")
+    if not (isinstance(pairs_per_prompt, int) and pairs_per_prompt >= 1):
+        raise ValueError(f"pairs_per_prompt must be an integer >= 1, got {pairs_per_prompt!r}")
     stats = PairStats(prompts=len(groups))
     kept = []  # (prompt, distinct responses, counts)
     for prompt, responses in groups:
@@ -141,23 +180,18 @@ def build_pairs(groups, judge, rule, rng=None, both_orders=True, pairs_per_promp
         winrate = (W @ c - 0.5) / (c.sum() - 1)
         order = np.argsort(-winrate, kind="stable")
         if rule == "top2":
-            picks = [(order[0], order[1], math.nan)]
+            picks = [(order[0], order[1], math.nan, 1.0)]
         elif rule == "best_worst":
-            picks = [(order[0], order[-1], math.nan)]
+            picks = [(order[0], order[-1], math.nan, 1.0)]
         elif rule == "all_soft":
+            n = c.sum()
             iu, ju = np.triu_indices(len(u), k=1)
-            picks = [(i, j, W[i, j]) if W[i, j] >= 0.5 else (j, i, W[j, i]) for i, j in zip(iu, ju)]
-            cc = c[iu] * c[ju]
-            weights = dict(zip(zip(iu, ju), cc / cc.sum()))
-        else:  # sampled: (i, j), i != j, with probability proportional to c_i c_j
-            weights = np.outer(c, c)
-            np.fill_diagonal(weights, 0.0)
-            picks = []
-            for k in rng.choice(weights.size, size=pairs_per_prompt, p=weights.ravel() / weights.sum()):
-                i, j = divmod(int(k), len(u))
-                picks.append((i, j, math.nan) if rng.random() < W[i, j] else (j, i, math.nan))
-        if rule != "all_soft":
-            weights = {}
+            weight = 2 * c[iu] * c[ju] / (n * (n - 1))  # both orders of the U-statistic
+            picks = [(i, j, W[i, j], w) if W[i, j] >= 0.5 else (j, i, W[j, i], w) for i, j, w in zip(iu, ju, weight)]
+        else:  # sampled
+            law, weight = sampled_law(c, W)
+            draws = rng.choice(law.size, size=pairs_per_prompt, p=law.ravel())
+            picks = [(*divmod(int(k), len(u)), math.nan, weight / pairs_per_prompt) for k in draws]
         pairs += [
             Pair(
                 prompt,
@@ -166,9 +200,9 @@ def build_pairs(groups, judge, rule, rng=None, both_orders=True, pairs_per_promp
                 chosen_winrate=float(winrate[i]),
                 rejected_winrate=float(winrate[j]),
                 soft_label=float(lab),
-                weight=float(weights.get((min(i, j), max(i, j)), 1.0)),
+                weight=float(w),
             )
-            for i, j, lab in picks
+            for i, j, lab, w in picks
         ]
     stats.pairs = len(pairs)
     return pairs, stats

@@ -1,5 +1,6 @@
 """Pair building on hand-made win matrices (table judges), with the win-rate arithmetic written out."""
 
+import itertools
 import math
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from comal_openrlhf.judges.base import Judge
 from comal_openrlhf.judges.table import TableJudge
-from comal_openrlhf.pairs import RULES, Pair, build_pairs, win_matrix
+from comal_openrlhf.pairs import RULES, Pair, build_pairs, sampled_law, win_matrix
 
 # P[i][j] = P(i beats j) over w, x, y, z
 P4 = [
@@ -60,6 +61,7 @@ def test_all_soft_labels_are_judge_probabilities():
     pairs, stats = build_pairs([("q", ["z", "w", "y"])], JUDGE, "all_soft")
     got = {(p.chosen, p.rejected): p.soft_label for p in pairs}
     assert got == {("w", "z"): pytest.approx(0.9), ("y", "z"): pytest.approx(0.55), ("w", "y"): pytest.approx(0.8)}
+    assert all(p.weight == pytest.approx(1 / 3) for p in pairs)
     assert stats.pairs == 3
 
 
@@ -97,6 +99,7 @@ def test_sampled_follows_counts_and_judge_probability():
         [("q", ["w", "w", "x", "y"])], JUDGE, "sampled", np.random.default_rng(0), pairs_per_prompt=n
     )
     assert stats.pairs == n and all(math.isnan(p.soft_label) and p.chosen != p.rejected for p in pairs)
+    assert all(p.weight == pytest.approx(5 / 6 / n) for p in pairs)  # (16 - 6) / 12 split over n draws
     freq = {}
     for p in pairs:
         key = frozenset((p.chosen, p.rejected))
@@ -107,6 +110,79 @@ def test_sampled_follows_counts_and_judge_probability():
         # binomial standard errors are below 0.01 (share) and 0.02 (win): 0.05 is a loose bound
         assert abs(len(chosen) / n - share) < 0.05
         assert abs(np.mean([c == u for c in chosen]) - p_win) < 0.05
+
+
+def test_all_soft_weights_by_hand():
+    # q1: z, w, y once each (N = 3): 2 * 1 * 1 / (3 * 2) = 1/3 per unordered pair.
+    # q2: w, w, x, y (N = 4, counts 2, 1, 1): {w,x} 2*2*1/12 = 1/3, {w,y} 1/3, {x,y} 2*1*1/12 = 1/6.
+    # q3: w, w, w, x (N = 4): {w,x} 2*3*1/12 = 1/2. No per-prompt normalisation: the sums are 1, 5/6 and 1/2,
+    # the share of ordered pairs of sample positions that hold distinct strings.
+    groups = [("q1", ["z", "w", "y"]), ("q2", ["w", "w", "x", "y"]), ("q3", ["w", "w", "w", "x"])]
+    pairs, _ = build_pairs(groups, JUDGE, "all_soft")
+    got = {(p.prompt, p.chosen, p.rejected): p.weight for p in pairs}
+    assert got == {
+        ("q1", "w", "z"): pytest.approx(1 / 3),
+        ("q1", "y", "z"): pytest.approx(1 / 3),
+        ("q1", "w", "y"): pytest.approx(1 / 3),
+        ("q2", "w", "x"): pytest.approx(1 / 3),
+        ("q2", "w", "y"): pytest.approx(1 / 3),
+        ("q2", "x", "y"): pytest.approx(1 / 6),
+        ("q3", "w", "x"): pytest.approx(1 / 2),
+    }
+
+
+def test_sampled_weights_by_hand():
+    # one draw of weight (N^2 - sum c^2) / (N (N - 1)) per prompt, split over pairs_per_prompt draws:
+    #   w, w, x, y: (16 - 6) / 12 = 5/6;  w, w, w, x: (16 - 10) / 12 = 1/2;  z, w, y: (9 - 3) / 6 = 1
+    groups = [("q2", ["w", "w", "x", "y"]), ("q3", ["w", "w", "w", "x"]), ("q1", ["z", "w", "y"])]
+    for m in (1, 3):
+        pairs, _ = build_pairs(groups, JUDGE, "sampled", np.random.default_rng(1), pairs_per_prompt=m)
+        assert [p.prompt for p in pairs] == ["q2"] * m + ["q3"] * m + ["q1"] * m
+        assert [p.weight for p in pairs] == pytest.approx([5 / 6 / m] * m + [1 / 2 / m] * m + [1 / m] * m)
+    with pytest.raises(ValueError, match="pairs_per_prompt"):
+        build_pairs(groups, JUDGE, "sampled", np.random.default_rng(1), pairs_per_prompt=0)
+
+
+def test_sampled_law_by_hand():
+    # counts w 2, x 1, y 1 (N = 4): N^2 - sum c^2 = 10; P(draw {w,x}) = 2*2*1/10 = 0.4, then w wins with 0.6
+    W = win_matrix(JUDGE, "q", ["w", "x", "y"])
+    law, weight = sampled_law([2, 1, 1], W)
+    want = [[0, 0.4 * 0.6, 0.4 * 0.8], [0.4 * 0.4, 0, 0.2 * 0.7], [0.4 * 0.2, 0.2 * 0.3, 0]]
+    np.testing.assert_allclose(law, want, atol=1e-15)
+    assert weight == pytest.approx(10 / 12)
+
+
+@pytest.mark.parametrize("n_samples", [2, 3, 4])
+def test_weighted_pairs_are_unbiased_for_mu_times_mu(n_samples):
+    # Over every sequence of N samples from mu (probability prod mu), the expected weighted "a beats b" mass of the
+    # pairs must equal that of y, y' ~ mu x mu labelled by P: 2 mu_a mu_b P[a][b] for a != b (both orders). Every
+    # pair loss (ipo, dpo, rebel) is linear in that mass, so the expected weighted loss is the prox loss's.
+    mu = np.array([0.5, 0.3, 0.2])
+    labels = ["w", "x", "y"]
+    P = np.array(P4)[:3, :3]
+    seqs = list(itertools.product(range(3), repeat=n_samples))
+    prob = {str(s): float(np.prod(mu[list(s)])) for s in seqs}  # by prompt name
+    want = 2 * np.outer(mu, mu) * P
+    np.fill_diagonal(want, 0.0)
+    idx = {lab: i for i, lab in enumerate(labels)}
+
+    pairs, _ = build_pairs([(str(s), [labels[i] for i in s]) for s in seqs], JUDGE, "all_soft")
+    got = np.zeros((3, 3))
+    for p in pairs:
+        i, j = idx[p.chosen], idx[p.rejected]
+        got[i, j] += prob[p.prompt] * p.weight * p.soft_label
+        got[j, i] += prob[p.prompt] * p.weight * (1 - p.soft_label)
+    np.testing.assert_allclose(got, want, atol=1e-13)  # 81 terms < 1, a few roundings each
+
+    got = np.zeros((3, 3))
+    for s in seqs:
+        counts = np.bincount(s, minlength=3)
+        present = [i for i in range(3) if counts[i]]
+        if len(present) < 2:
+            continue
+        law, weight = sampled_law(counts[present], P[np.ix_(present, present)])
+        got[np.ix_(present, present)] += prob[str(s)] * weight * law
+    np.testing.assert_allclose(got, want, atol=1e-13)  # 81 terms < 1, a few roundings each
 
 
 def test_single_order_keeps_position_bias():
