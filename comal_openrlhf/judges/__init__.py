@@ -4,6 +4,8 @@ Kinds (``--judge.kind``):
 
 - ``reward_model``  a Bradley-Terry reward model (OpenRLHF/HF), P = sigmoid((r_a - r_b) / T)       (--judge.path)
 - ``pairwise_lm``   a generative LLM judge reading the logits of two label tokens                  (--judge.path)
+- ``gpm``           a General Preference representation Model (arXiv 2410.02197): P = sigmoid(v_a^T R_x^T v_b / tau),
+                    general (cycles included), one forward per distinct response                 (--judge.path)
 - ``mixture``       weighted average of sub-judges, e.g. 1/2 Skywork RM + 1/2 ArmoRM            (--judge.mixture)
 - ``remote``        an HTTP judge: our ``serve`` (/prob) or OpenRLHF's serve_rm (/get_reward)       (--judge.url)
 - ``python``        a user file defining judge(prompts, responses_a, responses_b)   (--judge.path, opt-in flag)
@@ -25,15 +27,15 @@ In a training script: ``add_judge_args(parser)``, ``args = hierarchize(parser.pa
 import json
 import os
 
-from .base import Judge, JudgeError, MixtureJudge, check_probs, judge_pairs
+from .base import Judge, JudgeError, MixtureJudge, check_probs, is_antisymmetric, judge_pairs
 
-KINDS = ("reward_model", "pairwise_lm", "mixture", "remote", "python", "table")
+KINDS = ("reward_model", "pairwise_lm", "gpm", "mixture", "remote", "python", "table")
 
-# Defaults shared by the flags and by build_judge on a plain dict.
+# The one place for judge defaults: the flags and build_judge on a plain dict both read them.
 DEFAULTS = {
     "kind": None,
     "path": None,
-    "temperature": 1.0,
+    "temperature": None,  # None: the kind's own default (KIND_DEFAULTS), else 1.0
     "template": None,
     "labels": "A,B",
     "mixture": None,
@@ -47,68 +49,96 @@ DEFAULTS = {
     "single_order": False,
     "device": "auto",
 }
+KIND_DEFAULTS = {"gpm": {"temperature": 0.1}}  # the GPM authors' tau
+TEMPERATURE = 1.0  # every other kind
 MODEL_BATCH_SIZE = 8  # sequences per forward for model judges
 REMOTE_BATCH_SIZE = 64  # comparisons (or texts) per HTTP request
+MAX_BACKOFF = 30.0  # seconds: the longest wait between two remote attempts
 
 
 def add_judge_args(parser):
-    """Add the ``--judge.*`` flags (OpenRLHF's dotted style; ``hierarchize`` nests them as ``args.judge``)."""
+    """Add the ``--judge.*`` flags (OpenRLHF's dotted style; ``hierarchize`` nests them as ``args.judge``).
+    Their defaults are ``DEFAULTS`` (the token's is $COMAL_JUDGE_TOKEN)."""
+    d = DEFAULTS
     g = parser.add_argument_group("judge")
-    g.add_argument("--judge.kind", type=str, choices=KINDS, default=None, help="Which preference judge to use")
+    g.add_argument("--judge.kind", type=str, choices=KINDS, default=d["kind"], help="Which preference judge to use")
     g.add_argument(
-        "--judge.path", type=str, default=None, help="Model path (reward_model, pairwise_lm) or .py file (python)"
+        "--judge.path",
+        type=str,
+        default=d["path"],
+        help="Model path (reward_model, pairwise_lm; gpm: a GPM checkpoint with value_head/prompt_head weights) or "
+        ".py file (python)",
     )
     g.add_argument(
         "--judge.temperature",
         type=float,
-        default=1.0,
-        help="Temperature T: P = sigmoid((r_a - r_b)/T) for reward models, softmax(logits/T) for pairwise_lm",
+        default=d["temperature"],
+        help="Temperature T: P = sigmoid((r_a - r_b)/T) for reward models, softmax(logits/T) for pairwise_lm, "
+        f"sigmoid(v_a^T R_x^T v_b / T) for gpm (default: {KIND_DEFAULTS['gpm']['temperature']} for gpm, the GPM "
+        f"authors' tau; {TEMPERATURE} otherwise)",
     )
     g.add_argument(
         "--judge.template",
         type=str,
-        default=None,
+        default=d["template"],
         help="pairwise_lm prompt template (file or string) with {prompt}, {response_a}, {response_b}",
     )
-    g.add_argument("--judge.labels", type=str, default="A,B", help="pairwise_lm label tokens for a and b, e.g. A,B")
+    g.add_argument(
+        "--judge.labels", type=str, default=d["labels"], help="pairwise_lm label tokens for a and b, e.g. A,B"
+    )
     g.add_argument(
         "--judge.mixture",
         type=str,
-        default=None,
+        default=d["mixture"],
         help="mixture: KIND:TARGET:WEIGHT,... or a JSON file with a list of sub-judge configs with weights",
     )
     g.add_argument(
-        "--judge.url", type=str, default=None, help="remote: http://HOST:PORT/prob (pairwise) or .../get_reward"
+        "--judge.url", type=str, default=d["url"], help="remote: http://HOST:PORT/prob (pairwise) or .../get_reward"
     )
     g.add_argument(
         "--judge.token",
         type=str,
-        default=os.environ.get("COMAL_JUDGE_TOKEN"),
+        default=os.environ.get("COMAL_JUDGE_TOKEN", d["token"]),
         help="remote: bearer token (default: $COMAL_JUDGE_TOKEN)",
     )
-    g.add_argument("--judge.timeout", type=float, default=60.0, help="remote: seconds per HTTP request")
-    g.add_argument("--judge.retries", type=int, default=3, help="remote: retries after a failed request (backoff)")
+    g.add_argument(
+        "--judge.timeout",
+        type=float,
+        default=d["timeout"],
+        help="remote: total deadline in seconds for one HTTP request (connect, send, wait, read: a server that "
+        "trickles bytes is cut off at this deadline)",
+    )
+    g.add_argument(
+        "--judge.retries",
+        type=int,
+        default=d["retries"],
+        help="remote: retries after a failed request, with exponential backoff (1, 2, 4... s, at most "
+        f"{MAX_BACKOFF:g} s each); each retry is logged and counted",
+    )
     g.add_argument(
         "--judge.batch_size",
         type=int,
-        default=None,
+        default=d["batch_size"],
         help=f"Sequences per forward (models, default {MODEL_BATCH_SIZE}) or per request (remote, default "
         f"{REMOTE_BATCH_SIZE})",
     )
     g.add_argument(
         "--judge.allow_python_code",
         action="store_true",
-        default=False,
+        default=d["allow_python_code"],
         help="python: allow running the judge file (it is arbitrary code)",
     )
-    g.add_argument("--judge.table", type=str, default=None, help="table: JSON file {P, labels} or 'paper'")
+    g.add_argument("--judge.table", type=str, default=d["table"], help="table: JSON file {P, labels} or 'paper'")
     g.add_argument(
         "--judge.single_order",
         action="store_true",
-        default=False,
-        help="Judge each pair in one order only (default: both orders averaged, cancelling position bias)",
+        default=d["single_order"],
+        help="Judge each pair in one order only (default: both orders averaged, cancelling position bias; "
+        "antisymmetric judges such as gpm and reward_model are always asked one order)",
     )
-    g.add_argument("--judge.device", type=str, default="auto", help="Device for model judges: auto, cpu, cuda:0...")
+    g.add_argument(
+        "--judge.device", type=str, default=d["device"], help="Device for model judges: auto, cpu, cuda:0..."
+    )
     return parser
 
 
@@ -118,6 +148,12 @@ def _as_dict(cfg):
     if unknown:
         raise JudgeError(f"unknown judge settings: {sorted(unknown)}")
     return {**DEFAULTS, **cfg}
+
+
+def kind_default(kind, key):
+    """The default of setting ``key`` for judges of ``kind`` (KIND_DEFAULTS, then DEFAULTS)."""
+    base = TEMPERATURE if key == "temperature" else DEFAULTS[key]
+    return KIND_DEFAULTS.get(kind, {}).get(key, base)
 
 
 def _mixture_items(spec):
@@ -151,6 +187,7 @@ def build_judge(cfg):
     c = _as_dict(cfg)
     kind = c["kind"]
     model_bs = c["batch_size"] or MODEL_BATCH_SIZE
+    temperature = c["temperature"] if c["temperature"] is not None else kind_default(kind, "temperature")
     if kind == "table":
         from .table import TableJudge
 
@@ -170,12 +207,12 @@ def build_judge(cfg):
             timeout=c["timeout"],
             retries=c["retries"],
             batch_size=c["batch_size"] or REMOTE_BATCH_SIZE,
-            temperature=c["temperature"],
+            temperature=temperature,
         )
     if kind == "reward_model":
         from .reward_model import RewardModelJudge
 
-        return RewardModelJudge(c["path"], temperature=c["temperature"], device=c["device"], batch_size=model_bs)
+        return RewardModelJudge(c["path"], temperature=temperature, device=c["device"], batch_size=model_bs)
     if kind == "pairwise_lm":
         from .pairwise_lm import PairwiseLMJudge
 
@@ -184,10 +221,16 @@ def build_judge(cfg):
             c["path"],
             template=c["template"],
             labels=tuple(x.strip() for x in labels),
-            temperature=c["temperature"],
+            temperature=temperature,
             device=c["device"],
             batch_size=model_bs,
         )
+    if kind == "gpm":
+        from .gpm import GPMJudge
+
+        if not c["path"]:
+            raise JudgeError("gpm judge needs --judge.path (a GPM checkpoint directory)")
+        return GPMJudge(c["path"], temperature=temperature, device=c["device"], batch_size=model_bs)
     if kind == "mixture":
         # sub-judges inherit the top-level settings except what names a judge
         inherited = {k: v for k, v in c.items() if k not in ("kind", "path", "url", "table", "mixture", "weight")}
@@ -205,5 +248,7 @@ __all__ = [
     "add_judge_args",
     "build_judge",
     "check_probs",
+    "is_antisymmetric",
+    "kind_default",
     "judge_pairs",
 ]

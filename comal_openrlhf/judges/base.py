@@ -1,11 +1,13 @@
 """The one judge interface: P(a beats b | prompt), batched.
 
-A judge is a general preference oracle (COMAL spec section 1): it need not be Bradley-Terry or transitive.
+A judge is a general preference oracle (arXiv 2410.23223, section 1): it need not be Bradley-Terry or transitive.
 Subclasses implement ``_prob``; the public ``prob`` checks inputs and outputs so that every kind (a user's Python
 file, a remote server, a model) fails the same way: a ``JudgeError`` naming the judge.
 
-``judge_pairs`` is what the COMAL loop calls (spec section 5, step 2): it asks for both orders and averages
-p(a, b) and 1 - p(b, a), which cancels a judge's position bias and makes the result antisymmetric.
+``judge_pairs`` is what the COMAL loop calls (arXiv 2410.23223, section 5, step 2): it asks for both orders and
+averages p(a, b) and 1 - p(b, a), which cancels a judge's position bias and makes the result antisymmetric. A judge
+that is antisymmetric by construction (``antisymmetric = True``: a reward model's sigmoid of differences, a GPM's
+skew-symmetric score) is asked one order only: the average would equal its single answer.
 """
 
 import numpy as np
@@ -38,6 +40,7 @@ class Judge:
     """P(a[i] beats b[i] | prompts[i]) for a batch; subclasses implement ``_prob``."""
 
     name = "judge"
+    antisymmetric = False  # True: prob(a, b) + prob(b, a) = 1 by construction (both orders are never asked)
 
     def prob(self, prompts, a, b):
         n = len(prompts)
@@ -54,11 +57,16 @@ class Judge:
         return f"{type(self).__name__}({self.name!r})"
 
 
+def is_antisymmetric(judge):
+    """Whether ``judge`` is antisymmetric by construction (then one order per pair is enough)."""
+    return bool(getattr(judge, "antisymmetric", False))
+
+
 def judge_pairs(judge, prompts, a, b, both_orders=True, batch_size=512):
     """Probabilities that a[i] beats b[i], asked ``batch_size`` pairs per ``judge.prob`` call.
 
-    With ``both_orders`` each chunk holds the pairs and their swaps in one call (a reward model then scores each
-    response once) and the result is (p(a, b) + 1 - p(b, a)) / 2.
+    With ``both_orders`` each chunk holds the pairs and their swaps in one call and the result is
+    (p(a, b) + 1 - p(b, a)) / 2, except for an antisymmetric judge (``is_antisymmetric``), asked one order only.
     """
     n = len(prompts)
     if len(a) != n or len(b) != n:
@@ -66,6 +74,7 @@ def judge_pairs(judge, prompts, a, b, both_orders=True, batch_size=512):
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     prompts, a, b = list(prompts), list(a), list(b)
+    both_orders = both_orders and not is_antisymmetric(judge)
     out = np.empty(n, dtype=np.float64)
     for s in range(0, n, batch_size):
         e = min(n, s + batch_size)
@@ -79,7 +88,7 @@ def judge_pairs(judge, prompts, a, b, both_orders=True, batch_size=512):
 
 
 class MixtureJudge(Judge):
-    """Weighted average of sub-judges, e.g. the paper's oracle 1/2 Skywork RM + 1/2 ArmoRM (spec section 5).
+    """Weighted average of sub-judges, e.g. the paper's oracle 1/2 Skywork RM + 1/2 ArmoRM (arXiv 2410.23223).
 
     A mixture of preference probabilities is again a valid (generally non-BT) preference.
     """
@@ -94,6 +103,7 @@ class MixtureJudge(Judge):
             if not np.isfinite(w) or w <= 0:
                 raise JudgeError(f"mixture judge: weight of {j.name!r} must be > 0, got {w}")
         total = sum(weights)
+        self.antisymmetric = all(is_antisymmetric(j) for j in judges)  # a mixture of antisymmetric judges is too
         self.judges = list(judges)
         self.weights = [w / total for w in weights]
         self.name = "mixture(" + ", ".join(f"{w:.3g}*{j.name}" for j, w in zip(self.judges, self.weights)) + ")"

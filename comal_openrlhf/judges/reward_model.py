@@ -5,7 +5,8 @@ The model is any OpenRLHF/HF reward model, loaded with ``openrlhf.models.get_llm
 tokenizer's chat template over [user: prompt, assistant: response] when it has one, else prompt + response; then
 the EOS token is appended if missing and kept as the last token under truncation, where the reward is read.
 
-Within one call each unique (prompt, response) is scored once, so judging both orders costs no extra forward.
+Within one call each unique (prompt, response) is scored once. The judge is antisymmetric by construction, so
+``judge_pairs`` asks one order only.
 """
 
 import numpy as np
@@ -23,6 +24,8 @@ def resolve_device(device):
 
 
 class RewardModelJudge(Judge):
+    antisymmetric = True  # sigmoid((r_a - r_b) / T) + sigmoid((r_b - r_a) / T) = 1
+
     def __init__(self, path, temperature=1.0, device="auto", batch_size=8, max_len=2048, param_dtype="bf16"):
         if not path:
             raise JudgeError("reward_model judge needs --judge.path")

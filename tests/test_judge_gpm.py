@@ -1,0 +1,271 @@
+"""The gpm judge (General Preference representation Model, arXiv 2410.02197) on tiny checkpoints built locally in
+the authors' layout: the formula against a hand-written reference, exact antisymmetry, n forwards for all n(n-1)
+ordered pairs, the mixture, the flags, the server, bad checkpoints, and a cyclic GPM whose induced game COMAL
+solves while iterative IPO cycles."""
+
+import argparse
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from comal_openrlhf.judges import JudgeError, MixtureJudge, add_judge_args, build_judge, judge_pairs
+from comal_openrlhf.judges.gpm import (
+    GPMJudge,
+    build_cyclic_gpm,
+    build_tiny_gpm,
+    induced_matrix,
+    read_heads,
+    save_gpm_heads,
+)
+
+PROMPT = "question pick one ?"
+OPTIONS = ["a", "b", "c"]
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+@pytest.fixture(scope="module")
+def gpm_dir(tmp_path_factory):
+    """Random heads: value_head [6, 32] (k = 3), prompt_head [3, 32]."""
+    return build_tiny_gpm(str(tmp_path_factory.mktemp("gpm")), value_head_dim=6, seed=1)
+
+
+@pytest.fixture(scope="module")
+def gpm_no_prompt_head(tmp_path_factory):
+    return build_tiny_gpm(str(tmp_path_factory.mktemp("gpm_np")), value_head_dim=4, prompt_head=False, seed=2)
+
+
+@pytest.fixture(scope="module")
+def cyclic_dir(tmp_path_factory):
+    return build_cyclic_gpm(str(tmp_path_factory.mktemp("gpm_cyclic")), PROMPT, OPTIONS)
+
+
+def reference_probs(path, prompts, a, b, tau):
+    """The formula written out on one unpadded float64 sequence at a time, with the authors' dense matrices:
+    s = v_a^T R^T v_b, R = blockdiag([[0, -w_i], [w_i, 0]]), w = softmax(prompt_head(h_prompt)) (1 without it)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    wv = sd["value_head.weight"].double()
+    wp = sd["prompt_head.weight"].double() if "prompt_head.weight" in sd else None
+    model = AutoModel.from_pretrained(path, dtype=torch.float64).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+
+    def states(prompt, response):
+        user = {"role": "user", "content": prompt}
+        full = tok.apply_chat_template([user, {"role": "assistant", "content": response}], tokenize=False)
+        ids = tok(full)["input_ids"]
+        ids[-1] = tok.eos_token_id
+        n_prompt = len(tok(tok.apply_chat_template([user], tokenize=False))["input_ids"])
+        with torch.no_grad():
+            h = model(torch.tensor([ids])).last_hidden_state[0]
+        return h[-1], h[n_prompt - 1]
+
+    out = []
+    for p, x, y in zip(prompts, a, b):
+        hx, hp = states(p, x)
+        hy, _ = states(p, y)
+        vx, vy = wv @ hx, wv @ hy
+        vx, vy = vx / vx.norm(), vy / vy.norm()
+        k = wv.shape[0] // 2
+        w = torch.softmax(wp @ hp, -1) if wp is not None else torch.ones(k, dtype=torch.float64)
+        R = torch.zeros(2 * k, 2 * k, dtype=torch.float64)
+        for i in range(k):
+            R[2 * i, 2 * i + 1], R[2 * i + 1, 2 * i] = -w[i], w[i]
+        s = vx @ R.T @ vy
+        out.append(float(torch.sigmoid(s / tau)))
+    return np.array(out)
+
+
+# prompts of different lengths and responses of different lengths: the batch is left padded
+PROMPTS = [PROMPT, PROMPT, "is the answer good or bad ?", "is the answer good or bad ?", PROMPT]
+A = ["yes good", "one two three four five", "good", "bad", "no"]
+B = ["no bad", "yes", "the answer is bad", "good", "no"]
+# float64 forwards: rounding (eps64 = 2.2e-16) grows with the depth, sqrt(hidden) and 1/tau = 10 by far less than
+# 1e5, so the batched, padded judge and the one-at-a-time reference agree to 1e-10
+TOL64 = 1e-10
+
+
+def test_probabilities_equal_reference_formula(gpm_dir, gpm_no_prompt_head):
+    for path in (gpm_dir, gpm_no_prompt_head):
+        judge = GPMJudge(path, device="cpu", dtype=torch.float64, batch_size=3)
+        assert judge.temperature == 0.1  # the authors' tau
+        p = judge.prob(PROMPTS, A, B)
+        np.testing.assert_allclose(p, reference_probs(path, PROMPTS, A, B, 0.1), rtol=0, atol=TOL64)
+        assert np.ptp(p) > 0.05  # random heads tell responses apart (the comparison is not vacuous)
+        assert p[-1] == 0.5  # a response against itself
+    judge = GPMJudge(gpm_dir, temperature=0.7, device="cpu", dtype=torch.float64)
+    np.testing.assert_allclose(
+        judge.prob(PROMPTS, A, B), reference_probs(gpm_dir, PROMPTS, A, B, 0.7), rtol=0, atol=TOL64
+    )
+
+
+def test_heads_read_from_weights_shapes(gpm_dir, gpm_no_prompt_head):
+    value, prompt = read_heads(gpm_dir)
+    assert value.shape == (6, 32) and prompt.shape == (3, 32)
+    value, prompt = read_heads(gpm_no_prompt_head)
+    assert value.shape == (4, 32) and prompt is None
+    assert GPMJudge(gpm_dir, device="cpu").dim == 6
+
+
+def test_antisymmetric_in_float32(gpm_dir):
+    judge = build_judge({"kind": "gpm", "path": gpm_dir, "device": "cpu"})  # the training default: fp32 forward
+    assert judge.antisymmetric and judge.model.dtype == torch.float32
+    p_ab, p_ba = judge.prob(PROMPTS, A, B), judge.prob(PROMPTS, B, A)
+    # s(a, b) = -s(b, a) term by term in float64; what is left is the rounding of two sigmoids (~1e-16)
+    np.testing.assert_allclose(p_ab + p_ba, 1.0, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(judge.prob(PROMPTS, A, A), 0.5)
+
+
+def test_all_ordered_pairs_cost_one_forward_per_response(gpm_dir):
+    from comal_openrlhf.pairs import win_matrix
+
+    judge = GPMJudge(gpm_dir, device="cpu", batch_size=4)
+    responses = ["yes", "no", "yes good", "no bad", "one two", "the answer is good"]
+    n = len(responses)
+    i, j = np.where(~np.eye(n, dtype=bool))
+    asked = []
+    prob = judge.prob
+    judge.prob = lambda p, a, b: asked.append(len(p)) or prob(p, a, b)
+    q = judge_pairs(judge, [PROMPT] * len(i), [responses[x] for x in i], [responses[y] for y in j])
+    assert judge.forwards == n  # n forwards for all n(n-1) ordered pairs
+    assert asked == [n * (n - 1)]  # one order only: both orders would ask 2 n(n-1)
+    P = np.full((n, n), 0.5)
+    P[i, j] = q
+    np.testing.assert_allclose(P + P.T, 1.0, rtol=0, atol=1e-12)
+    W = win_matrix(judge, PROMPT, responses)  # the COMAL loop's path: upper triangle, both orders requested
+    np.testing.assert_allclose(W, P, rtol=0, atol=1e-12)
+    assert judge.forwards == 2 * n
+
+
+def test_gpm_in_mixture_and_flags(gpm_dir, tmp_path):
+    from openrlhf.utils.config import hierarchize
+
+    from comal_openrlhf.tiny import build_tiny_llama
+
+    rm = build_tiny_llama(str(tmp_path / "rm"), reward_head=True)
+    parser = add_judge_args(argparse.ArgumentParser())
+    args = hierarchize(parser.parse_args(["--judge.kind", "gpm", "--judge.path", gpm_dir, "--judge.device", "cpu"]))
+    gpm = build_judge(args.judge)
+    assert isinstance(gpm, GPMJudge) and gpm.temperature == 0.1  # the kind's default tau
+    args = parser.parse_args(["--judge.kind", "gpm", "--judge.path", gpm_dir, "--judge.temperature", "0.5"])
+    assert build_judge(hierarchize(args).judge).temperature == 0.5
+
+    mix = build_judge({"kind": "mixture", "mixture": f"gpm:{gpm_dir}:1,reward_model:{rm}:3", "device": "cpu"})
+    assert isinstance(mix, MixtureJudge) and mix.antisymmetric  # both parts are antisymmetric
+    assert mix.judges[0].temperature == 0.1 and mix.judges[1].temperature == 1.0  # each kind's own default
+    want = 0.25 * mix.judges[0].prob(PROMPTS, A, B) + 0.75 * mix.judges[1].prob(PROMPTS, A, B)
+    np.testing.assert_allclose(mix.prob(PROMPTS, A, B), want, rtol=0, atol=1e-12)
+    assert not build_judge({"kind": "mixture", "mixture": f"gpm:{gpm_dir}:1,table:paper:1"}).antisymmetric
+
+
+def test_gpm_served_over_http(gpm_dir):
+    import threading
+
+    from comal_openrlhf.judges.serve import make_server
+
+    judge = GPMJudge(gpm_dir, device="cpu", dtype=torch.float64)  # requests of 2 pad differently: float64
+    server = make_server(judge, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host, port = server.server_address[:2]
+        remote = build_judge({"kind": "remote", "url": f"http://{host}:{port}/prob", "batch_size": 2})
+        np.testing.assert_allclose(remote.prob(PROMPTS, A, B), judge.prob(PROMPTS, A, B), rtol=0, atol=TOL64)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_bad_checkpoints_name_the_problem(tmp_path):
+    from comal_openrlhf.tiny import build_tiny_llama
+
+    plain = build_tiny_llama(str(tmp_path / "plain"))
+    with pytest.raises(JudgeError, match="has no 'value_head.weight'"):
+        build_judge({"kind": "gpm", "path": plain})
+    with pytest.raises(JudgeError, match="needs --judge.path"):
+        build_judge({"kind": "gpm"})
+    with pytest.raises(JudgeError, match="checkpoint directory"):
+        build_judge({"kind": "gpm", "path": str(tmp_path / "missing")})
+    save_gpm_heads(plain, np.ones((3, 32)))
+    with pytest.raises(JudgeError, match=r"value_head.weight has shape \[3, 32\]"):
+        build_judge({"kind": "gpm", "path": plain})
+    save_gpm_heads(plain, np.ones((4, 32)), np.ones((3, 32)))
+    with pytest.raises(JudgeError, match=r"prompt_head.weight has shape \[3, 32\], need \[2, 32\]"):
+        build_judge({"kind": "gpm", "path": plain})
+    save_gpm_heads(plain, np.ones((4, 16)))
+    with pytest.raises(JudgeError, match="hidden size is 32"):
+        build_judge({"kind": "gpm", "path": plain})
+    with pytest.raises(JudgeError, match="temperature"):
+        GPMJudge(plain, temperature=0.0)
+
+
+# ---- the cyclic GPM ----
+
+
+def test_cyclic_gpm_induces_the_cycle(cyclic_dir):
+    from comal_openrlhf.game import solve_nash
+
+    tau = 0.5
+    P = induced_matrix(cyclic_dir, PROMPT, OPTIONS, temperature=tau)
+    np.testing.assert_allclose(P + P.T, 1.0, rtol=0, atol=1e-12)
+    # the embeddings sit at 0, 120, 240 degrees up to the float32 storage of the value head: a relative error of
+    # eps32 per weight, amplified by the conditioning of the options' hidden states
+    judge = GPMJudge(cyclic_dir, device="cpu", dtype=torch.float64)
+    h_last, _ = judge.hidden_states([PROMPT] * 3, OPTIONS)
+    kappa = np.linalg.cond(h_last)
+    angle = np.rad2deg(np.arctan2(*judge.embed(h_last).T[::-1]))
+    np.testing.assert_allclose(angle, [0.0, 120.0, -120.0], rtol=0, atol=np.rad2deg(10 * EPS32 * kappa))
+    edge = 1 / (1 + np.exp(-np.sin(np.deg2rad(120)) / tau))  # sigmoid(sin(120 deg) / tau) = 0.8497
+    want = np.array([[0.5, edge, 1 - edge], [1 - edge, 0.5, edge], [edge, 1 - edge, 0.5]])
+    np.testing.assert_allclose(P, want, rtol=0, atol=10 * EPS32 * kappa / (4 * tau))
+    assert P[0, 1] > 0.5 and P[1, 2] > 0.5 and P[2, 0] > 0.5  # a beats b beats c beats a: no reward fits it
+    np.testing.assert_allclose(solve_nash(P), [1 / 3] * 3, atol=1e-6)  # a symmetric cycle: the uniform Nash
+    # the training judge (float32 forward) sees the same matrix up to float32 rounding
+    fp32 = build_judge({"kind": "gpm", "path": cyclic_dir, "temperature": tau, "device": "cpu"})
+    np.testing.assert_allclose(fp32.preference_matrix(PROMPT, OPTIONS), P, rtol=0, atol=1e3 * EPS32 * kappa)
+
+
+def test_cyclic_gpm_other_angles(tmp_path):
+    from comal_openrlhf.game import solve_nash
+
+    path = build_cyclic_gpm(str(tmp_path / "g"), PROMPT, ["yes", "no", "good", "bad"], angles=(0, 80, 170, 260))
+    P = induced_matrix(path, PROMPT, ["yes", "no", "good", "bad"], temperature=1.0)
+    nash = solve_nash(P)
+    assert np.max(P @ nash) <= 0.5 + 1e-6 and np.ptp(nash) > 0.01  # a non-uniform Nash of the induced game
+
+
+def _tabular_run(judge, algo, iters=24, eta=4.0, r=0.6, K=4, init=(0.6, 0.3, 0.1)):
+    """A softmax policy over the options trained by the project's ipo prox loss (exact expectation over pairs),
+    the soft labels asked from ``judge`` every iteration through the COMAL loop's win matrix."""
+    from comal_openrlhf.game import loss_step
+    from comal_openrlhf.pairs import win_matrix
+
+    r = r if algo == "comal" else 0.0
+    log_mu = np.log(np.asarray(init))
+    log_ref = log_mu.copy()
+    policies = []
+    for k in range(1, iters + 1):
+        P = win_matrix(judge, PROMPT, OPTIONS)
+        log_mu = loss_step(P, log_mu, log_ref, eta, r / eta, prox="ipo")
+        if algo == "comal" and k % K == 0:
+            log_ref = log_mu.copy()
+        policies.append(np.exp(log_mu))
+    return np.array(policies)
+
+
+def test_comal_reaches_the_induced_nash_iterative_ipo_cycles(cyclic_dir):
+    from comal_openrlhf.game import duality_gap
+
+    judge = build_judge({"kind": "gpm", "path": cyclic_dir, "temperature": 0.5, "device": "cpu"})
+    P = induced_matrix(cyclic_dir, PROMPT, OPTIONS, temperature=0.5)
+    comal = _tabular_run(judge, "comal")
+    ipo = _tabular_run(judge, "iter-ipo")
+    gap_comal = [duality_gap(P, p) for p in comal]
+    gap_ipo = [duality_gap(P, p) for p in ipo]
+    assert gap_comal[-1] < 1e-3 and max(gap_comal[-8:]) < 1e-2
+    np.testing.assert_allclose(comal[-1], [1 / 3] * 3, atol=1e-2)
+    # iterative IPO (r = 0) keeps cycling: a large gap to the end, and the favourite option goes round the cycle
+    assert min(gap_ipo[-8:]) > 0.1 and np.mean(gap_ipo[-8:]) > 0.3
+    assert set(np.argmax(ipo[4:], axis=1)) == {0, 1, 2}
