@@ -6,6 +6,7 @@
     │   └── DataError      a malformed data file (kept as the historical name for file/line errors)
     ├── PlanError          a run plan that cannot work, or a resume that does not match its checkpoint
     ├── JudgeError         a judge that cannot produce valid probabilities
+    ├── RolloutError       a rollout engine (vLLM) that died, timed out or did not receive the policy's weights
     ├── NonFiniteLossError training produced a NaN/inf loss
     └── RunLockError       another run holds the checkpoint directory
 """
@@ -29,6 +30,10 @@ class PlanError(COMALError, ValueError):
 
 class JudgeError(COMALError):
     """A judge could not produce valid probabilities (bad output, unreachable server, refused code...)."""
+
+
+class RolloutError(COMALError):
+    """A rollout engine failed: a vLLM engine died, did not answer in time, or did not receive the weights pushed."""
 
 
 class NonFiniteLossError(COMALError):
