@@ -32,14 +32,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import row_block
+
 BACKENDS = ("auto", "triton", "torch")
 
 # Bytes of one fp32 chunk of logits in the torch backend, by device type. On CPU a chunk that stays in cache is ~3x
 # faster than 64 MB chunks (N=4096, V=32k, one thread: 145 vs 419 ms forward); on GPUs bigger chunks amortise the
 # kernel launches.
 CHUNK_BYTES = {"cpu": 2**20, "cuda": 64 * 2**20}
-# Vocabulary block of the row kernels: V=128k takes 32 iterations, the block fits in registers with 8 warps.
-MAX_BLOCK_V = 4096
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -61,10 +61,6 @@ def triton_runs_on_cpu() -> bool:
     """True when the kernels below and triton's own ``tl.*`` helpers were built by the interpreter (which executes
     them on CPU tensors); see the package ``__init__`` for why both matter."""
     return all(type(f).__name__ == "InterpretedFunction" for f in (_logps_fwd_kernel, tl.standard.sum))
-
-
-def _num_warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
 
 
 def token_blocks(B: int, L: int, V: int, device: torch.device):
@@ -151,27 +147,28 @@ def _logps_bwd_kernel(
         tl.store(gbase + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
+def fwd_launch(logits, labels, mask, logp, lse, temperature):
+    """(kernel, grid, args, meta) of the forward row kernel; triton_forward launches it, ``aot`` compiles it."""
+    B, L, V = logits.shape
+    args = (logits, logits.stride(0), logits.stride(1), labels, mask, logp, lse, L, V, 1.0 / temperature)
+    return _logps_fwd_kernel, (B * L,), args, row_block(V)
+
+
+def bwd_launch(logits, labels, lse, g, temperature, grad):
+    """(kernel, grid, args, meta) of the backward row kernel; triton_backward launches it, ``aot`` compiles it."""
+    B, L, V = logits.shape
+    args = (logits, logits.stride(0), logits.stride(1), grad, grad.stride(0), grad.stride(1), labels, g, lse, L, V)
+    return _logps_bwd_kernel, (B * L,), args + (1.0 / temperature,), row_block(V)
+
+
 def triton_forward(logits, labels, mask, temperature):
     """Token log-probs and lse (both B x L fp32); labels must be safe indices, mask fp32 B x L contiguous."""
     B, L, V = logits.shape
     logp = torch.empty(B, L, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     if B * L:
-        block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
-        _logps_fwd_kernel[(B * L,)](
-            logits,
-            logits.stride(0),
-            logits.stride(1),
-            labels,
-            mask,
-            logp,
-            lse,
-            L,
-            V,
-            1.0 / temperature,
-            BLOCK_V=block,
-            num_warps=_num_warps(block),
-        )
+        kernel, grid, args, meta = fwd_launch(logits, labels, mask, logp, lse, temperature)
+        kernel[grid](*args, **meta)
     return logp, lse
 
 
@@ -179,23 +176,8 @@ def triton_backward(logits, labels, lse, g, temperature, grad):
     """Write g * (onehot - softmax) / T for every row into grad (B x L x V, any strides, last dim contiguous)."""
     B, L, V = logits.shape
     if B * L:
-        block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
-        _logps_bwd_kernel[(B * L,)](
-            logits,
-            logits.stride(0),
-            logits.stride(1),
-            grad,
-            grad.stride(0),
-            grad.stride(1),
-            labels,
-            g,
-            lse,
-            L,
-            V,
-            1.0 / temperature,
-            BLOCK_V=block,
-            num_warps=_num_warps(block),
-        )
+        kernel, grid, args, meta = bwd_launch(logits, labels, lse, g, temperature, grad)
+        kernel[grid](*args, **meta)
     if grad.data_ptr() == logits.data_ptr():
         # The kernel wrote behind autograd's back: bump the version so a later reader of the logits fails loudly.
         torch.autograd.graph.increment_version(logits)

@@ -20,9 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import row_block
 from .sequence_logps import (
-    MAX_BLOCK_V,
-    _num_warps,
     prepare,
     resolve_backend,
     sequence_sums,
@@ -81,31 +80,38 @@ def _logratio_fwd_kernel(
     tl.store(ref_logp_ptr + row, tl.where(m != 0, (r_target - r_lse) * m, 0.0))
 
 
+def fwd_launch(policy_logits, ref_logits, labels, mask, pol_logp, pol_lse, ref_logp, temperature):
+    """(kernel, grid, args, meta) of the paired forward kernel; triton_forward launches it, ``aot`` compiles it."""
+    B, L, V = policy_logits.shape
+    args = (
+        policy_logits,
+        policy_logits.stride(0),
+        policy_logits.stride(1),
+        ref_logits,
+        ref_logits.stride(0),
+        ref_logits.stride(1),
+        labels,
+        mask,
+        pol_logp,
+        pol_lse,
+        ref_logp,
+        L,
+        V,
+        1.0 / temperature,
+    )
+    return _logratio_fwd_kernel, (B * L,), args, row_block(V)
+
+
 def triton_forward(policy_logits, ref_logits, labels, mask, temperature):
     B, L, V = policy_logits.shape
     pol_logp = torch.empty(B, L, dtype=torch.float32, device=policy_logits.device)
     pol_lse = torch.empty_like(pol_logp)
     ref_logp = torch.empty_like(pol_logp)
     if B * L:
-        block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
-        _logratio_fwd_kernel[(B * L,)](
-            policy_logits,
-            policy_logits.stride(0),
-            policy_logits.stride(1),
-            ref_logits,
-            ref_logits.stride(0),
-            ref_logits.stride(1),
-            labels,
-            mask,
-            pol_logp,
-            pol_lse,
-            ref_logp,
-            L,
-            V,
-            1.0 / temperature,
-            BLOCK_V=block,
-            num_warps=_num_warps(block),
+        kernel, grid, args, meta = fwd_launch(
+            policy_logits, ref_logits, labels, mask, pol_logp, pol_lse, ref_logp, temperature
         )
+        kernel[grid](*args, **meta)
     return pol_logp, pol_lse, ref_logp
 
 
