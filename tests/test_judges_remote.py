@@ -1,8 +1,12 @@
-"""Remote judges: our serve endpoint round trip, bearer tokens, OpenRLHF serve_rm's /get_reward, and retries against
-a local server that injects faults (slow, 500, malformed JSON, always failing)."""
+"""Remote judges: our serve endpoint round trip (FastAPI/uvicorn and the stdlib fallback), bearer tokens, a load
+test, OpenRLHF serve_rm's /get_reward, and retries against local servers that inject faults (slow, 500, malformed
+JSON, always failing, trickling one byte at a time)."""
 
+import http.client
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -16,8 +20,15 @@ import pytest
 
 from comal_openrlhf.judges import JudgeError, build_judge
 from comal_openrlhf.judges.remote import RemoteJudge
-from comal_openrlhf.judges.serve import make_server
+from comal_openrlhf.judges.serve import fastapi_available, make_server, make_uvicorn_server
 from comal_openrlhf.judges.table import TableJudge
+
+BACKENDS = [
+    "stdlib",
+    pytest.param(
+        "fastapi", marks=pytest.mark.skipif(not fastapi_available(), reason="needs the 'serve' extra (fastapi)")
+    ),
+]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS, A, B = ["q"] * 4, ["a", "b", "c", "junk"], ["b", "c", "a", "a"]
@@ -30,13 +41,40 @@ def start(server):
     return f"http://{host}:{port}"
 
 
-@pytest.fixture
-def served():
-    """The paper-game table judge served by ``make_server`` with a bearer token."""
-    server = make_server(TableJudge.load("paper"), port=0, token="s3cret")
-    yield start(server)
-    server.shutdown()
-    server.server_close()
+class Served:
+    """A judge served in this process by one backend: ``url``, then ``close()``."""
+
+    def __init__(self, judge, backend, token=None):
+        self.backend = backend
+        if backend == "stdlib":
+            self.server = make_server(judge, port=0, token=token)
+            self.url = start(self.server)
+            return
+        self.server, sock = make_uvicorn_server(judge, port=0, token=token, log_level="warning")
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+
+    def close(self):
+        if self.backend == "stdlib":
+            self.server.shutdown()
+            self.server.server_close()
+        else:
+            self.server.should_exit = True
+            self.thread.join(timeout=30)
+
+
+@pytest.fixture(params=BACKENDS)
+def served(request):
+    """The paper-game table judge served with a bearer token, by each backend."""
+    srv = Served(TableJudge.load("paper"), request.param, token="s3cret")
+    yield srv.url
+    srv.close()
 
 
 def post(url, body, token=None):
@@ -83,17 +121,59 @@ def test_serve_answers_400_on_malformed_requests(served, body, match):
     assert code == 400 and match in answer["error"]
 
 
-def test_serve_command_line():
+def test_serve_unknown_path_is_404(served):
+    code, answer = post(served + "/nowhere", {}, token="s3cret")
+    assert code == 404 and "/prob" in answer["error"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_serve_holds_200_concurrent_requests(backend):
+    """The concurrency of an 8-rank run sending a batch of prompts at once, on loopback: none dropped or reset
+    (the stdlib server's default listen backlog of 5 reset most of them)."""
+    n = 200
+    srv = Served(TableJudge.load("paper"), backend)
+    host, port = srv.url.split("//")[1].split(":")
+    body = json.dumps({"prompts": ["q", "q"], "responses_a": ["b", "c"], "responses_b": ["a", "b"]}).encode()
+    barrier, answers = threading.Barrier(n), [None] * n
+
+    def client(i):
+        barrier.wait(timeout=60)  # all connect at once
+        try:
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            conn.request("POST", "/prob", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            answers[i] = (resp.status, json.loads(resp.read()))
+            conn.close()
+        except (OSError, http.client.HTTPException) as e:
+            answers[i] = repr(e)
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        srv.close()
+    failed = [a for a in answers if a != (200, {"probs": [0.9, 0.9]})]
+    assert not failed, f"{len(failed)} of {n} requests failed, e.g. {failed[:3]}"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_serve_command_line(backend):
     cmd = [sys.executable, "-m", "comal_openrlhf.judges.serve", "--judge.kind", "table", "--judge.table", "paper"]
-    proc = subprocess.Popen(cmd + ["--port", "0"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    cmd += ["--port", "0", "--backend", backend]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
-        assert line.startswith("serving judge table:paper on http://127.0.0.1:"), line
+        assert line.startswith("serving judge table:paper on http://127.0.0.1:"), line + proc.stderr.read()
         judge = RemoteJudge(line.split()[-1])
         np.testing.assert_allclose(judge.prob(PROMPTS, A, B), PAPER)
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        _, err = proc.communicate(timeout=30)
+    assert ("uvicorn" in err) == (backend == "fastapi"), err
 
 
 class FaultServer:
@@ -186,3 +266,85 @@ def test_remote_serve_rm_get_reward():
         assert sorted(sent) == sorted(rewards) and [len(b["query"]) for b in srv.requests] == [2, 2]
     finally:
         srv.close()
+
+
+class TrickleServer:
+    """Answers every request one byte per ``interval`` seconds, in the status line and headers (``where`` =
+    "headers") or in a long body ("body"): each read returns within the socket timeout, the whole never does."""
+
+    def __init__(self, where, interval=0.05, seconds=30.0):
+        self.stop = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d/prob" % self.sock.getsockname()[1]
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+        self.slow, self.fast = (head, b"") if where == "headers" else (b'{"probs": [' + b" " * 99988, head)
+        self.interval, self.seconds = interval, seconds
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn):
+        with conn:
+            conn.recv(65536)  # the request (small)
+            t0 = time.monotonic()
+            try:
+                conn.sendall(self.fast)
+                for i in range(len(self.slow)):
+                    if self.stop.is_set() or time.monotonic() - t0 > self.seconds:
+                        return
+                    conn.sendall(self.slow[i : i + 1])
+                    time.sleep(self.interval)
+            except OSError:  # the client gave up and closed
+                return
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["headers", "body"])
+def test_remote_timeout_is_a_total_deadline(where):
+    srv = TrickleServer(where)
+    try:
+        judge = RemoteJudge(srv.url, timeout=0.5, retries=1, backoff=0.01)
+        t0 = time.monotonic()
+        with pytest.raises(JudgeError, match="timed out: no complete answer within the 0.5 s deadline"):
+            judge.prob(["q"], ["a"], ["b"])
+        elapsed = time.monotonic() - t0
+        # two attempts of at most 0.5 s each and a 0.01 s wait; a per-read timeout would wait for all the bytes
+        assert elapsed < 2 * 0.5 + 0.01 + 1.0, elapsed
+        assert judge.stats() == {"requests": 1, "retries": 1, "failed_requests": 1}
+    finally:
+        srv.close()
+
+
+def test_remote_retries_are_bounded_logged_and_counted(caplog):
+    srv = FaultServer(["500", "close", "ok"])
+    try:
+        # the backoff would be 100 s, then 200 s: each wait is capped at max_backoff
+        judge = RemoteJudge(srv.url + "/prob", timeout=5, retries=3, backoff=100.0, max_backoff=0.05)
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="comal_openrlhf.judges.remote"):
+            np.testing.assert_allclose(judge.prob(["q"], ["a"], ["b"]), [0.25])
+        assert time.monotonic() - t0 < 5
+        assert judge.stats() == {"requests": 1, "retries": 2, "failed_requests": 0}
+        messages = [r.getMessage() for r in caplog.records if r.name == "comal_openrlhf.judges.remote"]
+        assert len(messages) == 2
+        assert "attempt 1 of 4 failed (HTTP 500" in messages[0] and "retrying in 0.05 s" in messages[0]
+        assert "attempt 2 of 4 failed (RemoteDisconnected" in messages[1]
+    finally:
+        srv.close()
+
+
+def test_remote_flags_reach_the_judge():
+    judge = build_judge({"kind": "remote", "url": "http://127.0.0.1:9/prob", "timeout": 2.5, "retries": 0})
+    assert (judge.timeout, judge.retries, judge.max_backoff) == (2.5, 0, 30.0)
+    with pytest.raises(JudgeError, match="--judge.timeout > 0"):
+        build_judge({"kind": "remote", "url": "http://127.0.0.1:9/prob", "timeout": 0})

@@ -28,6 +28,7 @@ import json
 import os
 
 from .base import Judge, JudgeError, MixtureJudge, check_probs, is_antisymmetric, judge_pairs
+from .remote import MAX_BACKOFF
 
 KINDS = ("reward_model", "pairwise_lm", "gpm", "mixture", "remote", "python", "table")
 
@@ -53,7 +54,6 @@ KIND_DEFAULTS = {"gpm": {"temperature": 0.1}}  # the GPM authors' tau
 TEMPERATURE = 1.0  # every other kind
 MODEL_BATCH_SIZE = 8  # sequences per forward for model judges
 REMOTE_BATCH_SIZE = 64  # comparisons (or texts) per HTTP request
-MAX_BACKOFF = 30.0  # seconds: the longest wait between two remote attempts
 
 
 def add_judge_args(parser):

@@ -53,6 +53,10 @@ class Judge:
     def _prob(self, prompts, a, b):
         raise NotImplementedError
 
+    def stats(self):
+        """Counters worth logging (e.g. a remote judge's retries, a model judge's forwards); {} by default."""
+        return {}
+
     def __repr__(self):
         return f"{type(self).__name__}({self.name!r})"
 
@@ -110,3 +114,6 @@ class MixtureJudge(Judge):
 
     def _prob(self, prompts, a, b):
         return sum(w * j.prob(prompts, a, b) for j, w in zip(self.judges, self.weights))
+
+    def stats(self):
+        return {f"{i}.{k}": v for i, j in enumerate(self.judges) for k, v in j.stats().items()}

@@ -149,6 +149,9 @@ class GPMJudge(Judge):
         self.temperature, self.batch_size, self.max_len = float(temperature), int(batch_size), int(max_len)
         self.forwards = 0  # sequences embedded so far
 
+    def stats(self):
+        return {"forwards": self.forwards}
+
     # ---- text ----
 
     def texts(self, prompt, response):
