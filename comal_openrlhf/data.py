@@ -1,24 +1,24 @@
 """Iteration sources and the pair dataset: where each COMAL iteration's preference pairs come from.
 
-Data flow of one iteration (COMAL.md section 5): a source yields the iteration's pairs (this module), they are
-tokenised with OpenRLHF's ``RewardDataset`` (``PairDataset``), the trainer caches their log-probs under mu_k and the
-anchor, then trains. Sources:
+One iteration of COMAL (arXiv 2410.23223, Algorithm 1) needs pairs (y_w, y_l) of responses to prompts x. A source
+yields them as ``comal_openrlhf.pairs.Pair`` (``IterationSource.pairs(k, policy)``); ``PairDataset`` tokenises them
+with OpenRLHF's ``RewardDataset`` (openrlhf/datasets/reward_dataset.py). Sources:
 
 - ``offline``: a directory with one file per iteration, ``iter_000.jsonl``, ``iter_001.jsonl``, ... for users who
-  sample and judge elsewhere, as the official COMAL pipeline does.
+  sample and judge elsewhere (the official COMAL pipeline; ``python -m comal_openrlhf.judge`` writes this format).
 - ``static``: OpenRLHF's ``--data.dataset`` (any file or hub dataset ``blending_datasets`` reads), the same pairs in
   every iteration: an unchanged ``train_dpo`` launch.
 - ``online`` (comal_openrlhf.online): sample from the current policy, judge, build pairs.
 
 Rows use OpenRLHF's keys (``--data.prompt_key``, ``--data.chosen_key``, ``--data.rejected_key``) and its prompt
 formatting (``--data.input_template``, ``--data.apply_chat_template``). Optional per-row fields: ``chosen_winrate``
-and ``rejected_winrate`` (P(y > mu_k), needed by the sppo and rebel losses) and ``soft_label`` (P(chosen beats
-rejected), the soft form of the loss). Bad rows never vanish silently: broken JSON or a missing key is an error that
-names file and line; empty or non-string responses, chosen == rejected, bad win rates and prompts longer than
+and ``rejected_winrate`` (P(y > mu_k), needed by the sppo and rebel losses), ``soft_label`` (P(chosen beats
+rejected), the soft form of the loss) and ``weight`` (the pair's weight in the prox loss's expectation). Bad rows
+never vanish silently: broken JSON, bytes that are not UTF-8 or a missing key are errors naming file and line;
+empty or non-string responses, chosen == rejected, bad win rates, over-long lines and prompts longer than
 ``--data.max_len`` are counted skips, the first few logged with file and line.
 """
 
-import glob
 import json
 import math
 import os
@@ -30,25 +30,15 @@ from typing import Optional
 
 import torch
 
+from comal_openrlhf.errors import DataError, PlanError
+from comal_openrlhf.pairs import Pair
+
 SKIP_EXAMPLES = 3  # file:line examples logged per skip reason
 
 
-class DataError(ValueError):
-    """A malformed input file: the message names the file and the line."""
-
-
-@dataclass
-class PairRow:
-    """One training pair, formatted for the tokenizer (prompt text already templated)."""
-
-    prompt: str
-    chosen: str
-    rejected: str
-    chosen_winrate: float = float("nan")
-    rejected_winrate: float = float("nan")
-    soft_label: float = 1.0
-    origin: str = ""
-    weight: float = 1.0  # weight of the pair in the loss's weighted mean (all_soft pairs)
+# A token is rarely longer than this many bytes: a line over max_len * MAX_BYTES_PER_TOKEN bytes cannot fit in
+# --data.max_len tokens however it is split, so it is skipped unparsed instead of costing memory and minutes.
+MAX_BYTES_PER_TOKEN = 64
 
 
 @dataclass
@@ -85,8 +75,56 @@ def _text_of(value, chat):
     return None
 
 
+def _number(value):
+    """A finite JSON number as float (booleans are not numbers here), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _probability(value):
+    value = _number(value)
+    return value if value is not None and 0.0 <= value <= 1.0 else None
+
+
+def _positive(value):
+    value = _number(value)
+    return value if value is not None and value > 0 else None
+
+
+class PromptFormatter:
+    """The prompt as the policy sees it and as the judge sees it, with OpenRLHF's data flags.
+
+    ``policy_text``: the tokenizer's chat template with the generation prompt (``--data.apply_chat_template``,
+    ``--data.tokenizer_chat_template``), else ``--data.input_template``, else the raw text, as OpenRLHF's
+    PromptDataset formats prompts (openrlhf/datasets/prompts_dataset.py). ``judge_text``: the user's text (the last
+    user message of a chat).
+    """
+
+    def __init__(self, data_args, tokenizer):
+        self.tokenizer = tokenizer
+        self.chat = bool(getattr(data_args, "apply_chat_template", False))
+        self.input_template = getattr(data_args, "input_template", None)
+        if self.chat and getattr(data_args, "tokenizer_chat_template", None):
+            tokenizer.chat_template = data_args.tokenizer_chat_template
+
+    def policy_text(self, raw):
+        if self.chat:
+            messages = [{"role": "user", "content": raw}] if isinstance(raw, str) else raw
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if self.input_template:
+            return self.input_template.format(raw)
+        return raw
+
+    @staticmethod
+    def judge_text(raw):
+        if isinstance(raw, str):
+            return raw
+        return next((m["content"] for m in reversed(raw) if m.get("role") == "user"), str(raw))
+
+
 class RowFormatter:
-    """Validate one raw row and format it with OpenRLHF's own ``preprocess_data`` (templates, chat template)."""
+    """Validate one raw pair row and format it with OpenRLHF's own ``preprocess_data`` (templates, chat template)."""
 
     def __init__(self, data_args, tokenizer, max_len, need_winrates=False):
         from openrlhf.datasets.reward_dataset import preprocess_data
@@ -94,6 +132,7 @@ class RowFormatter:
         self._preprocess = preprocess_data
         self.tokenizer = tokenizer
         self.max_len = max_len
+        self.max_chars = max_len * MAX_BYTES_PER_TOKEN
         self.need_winrates = need_winrates
         self.prompt_key = getattr(data_args, "prompt_key", None)
         self.chosen_key = getattr(data_args, "chosen_key", "chosen")
@@ -104,20 +143,31 @@ class RowFormatter:
             tokenizer.chat_template = data_args.tokenizer_chat_template
         self._apply_chat_template = tokenizer.apply_chat_template if self.chat else None
 
-    def _as_messages(self, value, role):
-        return [{"role": role, "content": value}] if isinstance(value, str) else value
+    def keys(self):
+        return [k for k in (self.prompt_key, self.chosen_key, self.rejected_key) if k]
 
-    def __call__(self, row, origin, skips: SkipLog) -> Optional[PairRow]:
+    def check_keys(self, row, origin):
+        """Errors that stop the run (they say the file is not in the expected format): not an object, missing key."""
         if not isinstance(row, dict):
             raise DataError(f"{origin}: expected a JSON object, got {type(row).__name__}")
-        keys = [k for k in (self.prompt_key, self.chosen_key, self.rejected_key) if k]
-        missing = [k for k in keys if k not in row]
+        missing = [k for k in self.keys() if k not in row]
         if missing:
             raise DataError(
                 f"{origin}: missing key(s) {missing}; the row has {sorted(row)} "
                 "(set --data.prompt_key / --data.chosen_key / --data.rejected_key)"
             )
-        texts = {k: _text_of(row[k], self.chat) for k in keys}
+        if self.need_winrates and (row.get("chosen_winrate") is None or row.get("rejected_winrate") is None):
+            raise DataError(f"{origin}: the sppo/rebel losses need 'chosen_winrate' and 'rejected_winrate' fields")
+
+    def _as_messages(self, value, role):
+        return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+    def _n_tokens(self, text):
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def __call__(self, row, origin, skips: SkipLog) -> Optional[Pair]:
+        self.check_keys(row, origin)
+        texts = {k: _text_of(row[k], self.chat) for k in self.keys()}
         for k, t in texts.items():
             if t is None:
                 skips.skip(f"non-string {k}", origin)
@@ -128,13 +178,19 @@ class RowFormatter:
         if row[self.chosen_key] == row[self.rejected_key]:
             skips.skip("chosen == rejected", origin)
             return None
-        p_w, p_l = row.get("chosen_winrate"), row.get("rejected_winrate")
-        if self.need_winrates and (p_w is None or p_l is None):
-            raise DataError(f"{origin}: the sppo/rebel losses need 'chosen_winrate' and 'rejected_winrate' fields")
-        soft = row.get("soft_label", 1.0)
-        probs = [v for v in (p_w, p_l, soft) if v is not None]
-        if any(not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= 1.0 for v in probs):
-            skips.skip("win rate or soft label not a probability", origin)
+        probs = {}
+        for name in ("chosen_winrate", "rejected_winrate", "soft_label"):
+            if row.get(name) is not None:
+                probs[name] = _probability(row[name])
+                if probs[name] is None:
+                    skips.skip("win rate or soft label not a probability", origin)
+                    return None
+        weight = _positive(row.get("weight", 1.0))
+        if weight is None:
+            skips.skip("weight not a positive number", origin)
+            return None
+        if self.prompt_key and len(texts[self.prompt_key]) > self.max_chars:
+            skips.skip(f"prompt longer than --data.max_len {self.max_len}", origin)
             return None
 
         data = dict(row)
@@ -152,33 +208,46 @@ class RowFormatter:
             is_dpo=True,
         )
         # RewardDataset drops prompts of >= max_len - 2 tokens without a word: count them here instead
-        n_prompt = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if n_prompt >= self.max_len - 2:
+        if self._n_tokens(prompt) >= self.max_len - 2:
             skips.skip(f"prompt longer than --data.max_len {self.max_len}", origin)
             return None
-        n_long = max(
-            len(self.tokenizer(prompt + r, add_special_tokens=False)["input_ids"]) for r in (chosen, rejected)
-        )
-        if n_long + 1 > self.max_len:  # +1: the EOS OpenRLHF appends; the response is truncated, not dropped
-            skips.truncated += 1
-        nan = float("nan")
-        return PairRow(
+        # responses are truncated to --data.max_len by RewardDataset; cut absurdly long ones to a length that is
+        # still over max_len tokens, so they cost their share of max_len and no more
+        long = [r for r in (chosen, rejected) if len(r) > self.max_chars]
+        chosen, rejected = chosen[: self.max_chars], rejected[: self.max_chars]
+        if long or max(self._n_tokens(prompt + r) for r in (chosen, rejected)) + 1 > self.max_len:
+            skips.truncated += 1  # +1: the EOS OpenRLHF appends; the response is truncated, not dropped
+        return Pair(
             prompt,
             chosen,
             rejected,
-            float(p_w) if p_w is not None else nan,
-            float(p_l) if p_l is not None else nan,
-            float(soft),
-            origin,
+            chosen_winrate=probs.get("chosen_winrate", math.nan),
+            rejected_winrate=probs.get("rejected_winrate", math.nan),
+            soft_label=probs.get("soft_label", math.nan),
+            weight=float(weight),
+            origin=origin,
         )
 
 
-def read_jsonl(path):
-    """Yield (line_number, row) for each non-blank line; broken JSON is an error naming file:line."""
+def read_jsonl(path, max_line_bytes=None, skips: Optional[SkipLog] = None):
+    """Yield (line_number, row) for each non-blank line, reading one line at a time.
+
+    Broken JSON and bytes that are not UTF-8 are errors naming file:line. With ``max_line_bytes`` a longer line is
+    skipped without being decoded or parsed (counted in ``skips`` as an over-long line).
+    """
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            if max_line_bytes is not None and len(raw) > max_line_bytes:
+                if skips is None:
+                    raise DataError(f"{path}:{i}: line of {len(raw)} bytes is over the limit of {max_line_bytes}")
+                skips.skip(f"line over {max_line_bytes} bytes", f"{path}:{i}")
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{i}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -208,9 +277,17 @@ class IterationSource:
 
     name = "base"
     num_iterations: Optional[int] = None
+    allow_empty = False  # True: an iteration without pairs is logged and skipped instead of an error
 
-    def pairs(self, k: int, trainer) -> tuple:
-        """Return (rows: list[PairRow], stats: dict) for iteration k, identical on every rank."""
+    def validate(self, iterations: int) -> None:
+        """Check, before the first training step, that the source can serve ``iterations`` iterations."""
+
+    def describe(self) -> str:
+        return self.name
+
+    def pairs(self, k: int, policy) -> tuple:
+        """Return (pairs: list[Pair], stats: dict) for iteration k, identical on every rank. ``policy`` is the
+        OpenRLHF Actor being trained (mu_k at this point); only sampling sources read it."""
         raise NotImplementedError
 
 
@@ -234,18 +311,46 @@ class OfflineSource(IterationSource):
             )
         self.num_iterations = len(found)
 
+    def describe(self):
+        return f"offline ({self.directory}, {self.num_iterations} files)"
+
     def path(self, k):
         return os.path.join(self.directory, f"iter_{k:03d}.jsonl")
 
-    def pairs(self, k, trainer=None):
+    def validate(self, iterations):
+        """Every file the plan needs exists, is UTF-8 JSON lines with the keys, and holds at least one row: found
+        before training, not after hours of it."""
+        if iterations > self.num_iterations:
+            raise PlanError(
+                f"--comal.iterations {iterations} needs {iterations} files, but --comal.pairs_dir {self.directory} "
+                f"has {self.num_iterations} (iter_000.jsonl .. iter_{self.num_iterations - 1:03d}.jsonl)"
+            )
+        limit = self.formatter.max_chars
+        for k in range(iterations):
+            path = self.path(k)
+            rows = 0
+            for i, row in read_jsonl(path, max_line_bytes=limit, skips=SkipLog()):
+                self.formatter.check_keys(row, f"{path}:{i}")
+                rows += 1
+            if rows == 0:
+                raise DataError(f"{path}: no pairs (the file has no JSON rows within the length limit)")
+
+    def pairs(self, k, policy=None):
         if k >= self.num_iterations:
-            raise DataError(
+            raise PlanError(
                 f"iteration {k} needs {self.path(k)}, but {self.directory} has {self.num_iterations} files"
             )
         path = self.path(k)
         skips = SkipLog()
-        rows = [r for r in (self.formatter(row, f"{path}:{i}", skips) for i, row in read_jsonl(path)) if r]
-        return rows, {"source": path, "skips": skips}
+        pairs = [
+            p
+            for p in (
+                self.formatter(row, f"{path}:{i}", skips)
+                for i, row in read_jsonl(path, max_line_bytes=self.formatter.max_chars, skips=skips)
+            )
+            if p
+        ]
+        return pairs, {"source": path, "skips": skips}
 
 
 class StaticSource(IterationSource):
@@ -258,31 +363,36 @@ class StaticSource(IterationSource):
         self.label = args.data.dataset
         self.raw = list(load_train_data(args, strategy))
         self.formatter = formatter
+        self._pairs = None
 
-    def pairs(self, k, trainer=None):
-        skips = SkipLog()
-        rows = [
-            r for r in (self.formatter(row, f"{self.label}:row {i}", skips) for i, row in enumerate(self.raw)) if r
-        ]
-        return rows, {"source": self.label, "skips": skips}
+    def describe(self):
+        return f"static ({self.label})"
 
+    def validate(self, iterations):
+        for i, row in enumerate(self.raw):
+            self.formatter.check_keys(row, f"{self.label}:row {i}")
 
-def list_iteration_files(directory):
-    return sorted(glob.glob(os.path.join(directory, "iter_*.jsonl")))
+    def pairs(self, k, policy=None):
+        if self._pairs is None:  # the same pairs every iteration: format once
+            skips = SkipLog()
+            rows = (self.formatter(row, f"{self.label}:row {i}", skips) for i, row in enumerate(self.raw))
+            self._pairs = ([p for p in rows if p], skips)
+        pairs, skips = self._pairs
+        return list(pairs), {"source": self.label, "skips": skips}
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Tokenised pairs (through OpenRLHF's RewardDataset, is_dpo=True) plus per-pair fields and the pair index.
+    """Tokenised pairs (through OpenRLHF's RewardDataset, is_dpo=True) and the pair index.
 
-    Items are RewardDataset's ``(chosen_ids, c_mask, reject_ids, r_mask, prompt_len)`` followed by the index, so the
-    trainer can look up the cached log-probs and the win rates of every pair in a batch.
+    Items are RewardDataset's ``(chosen_ids, c_mask, reject_ids, r_mask, prompt_len)`` followed by the index of the
+    pair in the iteration, through which the trainer reads the pair's entries of the iteration record.
     """
 
-    def __init__(self, rows, tokenizer, max_len):
+    def __init__(self, pairs, tokenizer, max_len):
         import datasets
         from openrlhf.datasets import RewardDataset
 
-        # The rows are already formatted (RowFormatter), so RewardDataset only tokenises: plain keys, no template.
+        # The pairs are already formatted (RowFormatter), so RewardDataset only tokenises: plain keys, no template.
         plain = SimpleNamespace(
             args=SimpleNamespace(
                 data=SimpleNamespace(
@@ -291,16 +401,12 @@ class PairDataset(torch.utils.data.Dataset):
             )
         )
         table = datasets.Dataset.from_list(
-            [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected} for r in rows]
+            [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
         )
         datasets.disable_progress_bars()
         self.inner = RewardDataset(table, tokenizer, max_len, plain, is_dpo=True, num_processors=1)
-        if len(self.inner) != len(rows):  # RowFormatter applies the same length rule, so this cannot differ
-            raise RuntimeError(f"RewardDataset kept {len(self.inner)} of {len(rows)} pre-checked pairs")
-        self.rows = rows
-        self.fields = torch.tensor(
-            [[r.chosen_winrate, r.rejected_winrate, r.soft_label, r.weight] for r in rows], dtype=torch.float32
-        ).reshape(-1, 4)
+        if len(self.inner) != len(pairs):  # RowFormatter applies the same length rule, so this cannot differ
+            raise RuntimeError(f"RewardDataset kept {len(self.inner)} of {len(pairs)} pre-checked pairs")
 
     def __len__(self):
         return len(self.inner)

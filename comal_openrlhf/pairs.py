@@ -148,9 +148,15 @@ def sampled_law(counts, W):
     return law, distinct / (n * (n - 1))
 
 
-def build_pairs(groups, judge, rule, rng=None, both_orders=True, pairs_per_prompt=1, batch_size=512):
+def build_pairs(
+    groups, judge, rule, rng=None, both_orders=True, pairs_per_prompt=1, batch_size=512, judge_prompts=None, origin=""
+):
     """``groups``: list of (prompt, [responses]) -> (list[Pair], PairStats). ``rng`` (np.random.Generator) is needed
-    by ``sampled`` only."""
+    by ``sampled`` only. ``judge_prompts`` (one per group) is what the judge sees as the prompt when it differs from
+    the pair's prompt (e.g. the user's text where the pair holds the chat-templated prompt); ``origin`` is written
+    into every pair."""
+    if judge_prompts is not None and len(judge_prompts) != len(groups):
+        raise ValueError(f"judge_prompts has {len(judge_prompts)} entries for {len(groups)} groups")
     if rule not in RULES:
         raise ValueError(f"unknown pair rule {rule!r}; choose one of {', '.join(RULES)}")
     if rule == "sampled" and rng is None:
@@ -158,8 +164,8 @@ def build_pairs(groups, judge, rule, rng=None, both_orders=True, pairs_per_promp
     if not (isinstance(pairs_per_prompt, int) and pairs_per_prompt >= 1):
         raise ValueError(f"pairs_per_prompt must be an integer >= 1, got {pairs_per_prompt!r}")
     stats = PairStats(prompts=len(groups))
-    kept = []  # (prompt, distinct responses, counts)
-    for prompt, responses in groups:
+    kept = []  # (prompt, distinct responses, counts, judge prompt)
+    for g, (prompt, responses) in enumerate(groups):
         stats.responses += len(responses)
         valid = [r for r in responses if is_valid(r)]
         stats.invalid_responses += len(responses) - len(valid)
@@ -170,13 +176,14 @@ def build_pairs(groups, judge, rule, rng=None, both_orders=True, pairs_per_promp
         if len(counts) < 2:
             stats.prompts_dropped += 1
             continue
-        kept.append((prompt, list(counts), np.array(list(counts.values()), dtype=np.float64)))
+        judge_prompt = prompt if judge_prompts is None else judge_prompts[g]
+        kept.append((prompt, list(counts), np.array(list(counts.values()), dtype=np.float64), judge_prompt))
 
-    matrices = _win_matrices(judge, [(p, u) for p, u, _ in kept], both_orders, batch_size)
-    stats.judge_calls = sum(len(u) * (len(u) - 1) // 2 for _, u, _ in kept) * (2 if both_orders else 1)
+    matrices = _win_matrices(judge, [(jp, u) for _, u, _, jp in kept], both_orders, batch_size)
+    stats.judge_calls = sum(len(u) * (len(u) - 1) // 2 for _, u, _, _ in kept) * (2 if both_orders else 1)
 
     pairs = []
-    for (prompt, u, c), W in zip(kept, matrices):
+    for (prompt, u, c, _), W in zip(kept, matrices):
         winrate = (W @ c - 0.5) / (c.sum() - 1)
         order = np.argsort(-winrate, kind="stable")
         if rule == "top2":
@@ -201,6 +208,7 @@ def build_pairs(groups, judge, rule, rng=None, both_orders=True, pairs_per_promp
                 rejected_winrate=float(winrate[j]),
                 soft_label=float(lab),
                 weight=float(w),
+                origin=origin,
             )
             for i, j, lab, w in picks
         ]

@@ -1,31 +1,53 @@
 """The COMAL outer loop as data: presets, rounds, reference advances and the beta schedule.
 
-COMAL (arXiv 2410.23223; shared/spec/COMAL.md sections 2 and 5) runs iterations k = 0..N-1. Each iteration solves
-one prox step of the KL-regularised game around the prox centre log C = (1 - r) log mu_k + r log ref, and every K
-iterations the anchor reference advances, ref <- pi (the conceptual prox method). Iterations between two advances
-form a round; the paper's v2 recipe changes beta per round (0.002 in round 1, then 0.1).
+COMAL (arXiv 2410.23223, Algorithm 1) runs iterations k = 0..N-1. Each iteration solves one prox step of the
+KL-regularised game around the prox centre log C = (1 - r) log mu_k + r log ref (r = eta * tau, beta = 1/eta), and
+every K iterations the anchor reference advances, ref <- pi (the conceptual prox method the paper builds on). The
+paper's v2 recipe changes beta between rounds of iterations (18 iterations in 3 rounds of 6, beta 0.002 in round 1
+then 0.1); here a round is ``round_length`` iterations, K by default.
 
-Every baseline of the paper is the same loop with other constants (section 2):
+Every baseline of the paper is the same loop with other constants:
 
-    iter-dpo / iter-ipo / sppo : r = 0 (self-play MWU, no anchor term; K irrelevant)
-    inpo                       : r > 0, anchor never advances (K = 0) -> regularised Nash, constant gap
-    comal                      : r > 0, anchor advances every K iterations -> last-iterate Nash
+    iter-dpo           dpo loss, r = 0: each iteration's reference is the previous iterate mu_k, as in the paper's
+                       Iter-DPO/Iter-IPO (the common "online iterative DPO" that keeps the initial policy as the
+                       reference would need r = 1 and is not a preset)
+    iter-ipo / sppo    r = 0: self-play multiplicative weights on the win rate, no anchor term; cycles
+    inpo               r > 0, the anchor never advances (K = 0): the KL-regularised Nash, a constant gap
+    comal              r > 0, the anchor advances every K iterations: last-iterate convergence to a Nash policy
 
-Plain Python, no OpenRLHF import.
+A preset fills each setting the user did not pass (beta, r, K, iterations, pair rule); an explicit flag always wins,
+and without ``--comal.algo`` an unchanged ``train_dpo`` launch keeps OpenRLHF's own defaults. ``resolve_plan``
+returns the plan and where each value came from. Plain Python, no OpenRLHF import.
 """
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-# Official COMAL defaults (COMAL.md section 5): beta 0.002 comes from --model.beta, r = 1/3, K = 12 of 24.
+from comal_openrlhf.errors import PlanError
+from comal_openrlhf.losses import PROX_LOSSES
+
+# beta 0.002, r = 1/3, 24 iterations with the anchor advanced every 12: the official COMAL defaults (Qwen2-1.5B);
+# the pair rules are those whose expected loss is the prox step's objective (all_soft with sample-count weights).
 PRESETS = {
-    "iter-dpo": dict(prox="dpo", ref_weight=0.0, ref_update_interval=0),
-    "iter-ipo": dict(prox="ipo", ref_weight=0.0, ref_update_interval=0),
-    "sppo": dict(prox="sppo", ref_weight=0.0, ref_update_interval=0),
-    "inpo": dict(prox="ipo", ref_weight=1.0 / 3.0, ref_update_interval=0),
-    "comal": dict(prox="ipo", ref_weight=1.0 / 3.0, ref_update_interval=12),
+    "iter-dpo": dict(prox="dpo", ref_weight=0.0, ref_update_interval=0, pair_rule="best_worst"),
+    "iter-ipo": dict(prox="ipo", ref_weight=0.0, ref_update_interval=0, beta=0.002, pair_rule="all_soft"),
+    "sppo": dict(prox="sppo", ref_weight=0.0, ref_update_interval=0, pair_rule="all_soft"),
+    "inpo": dict(prox="ipo", ref_weight=1.0 / 3.0, ref_update_interval=0, beta=0.002, pair_rule="all_soft"),
+    "comal": dict(prox="ipo", ref_weight=1.0 / 3.0, ref_update_interval=12, beta=0.002, pair_rule="all_soft"),
 }
-PROXES = ("ipo", "dpo", "sppo", "rebel")
+DEFAULT_ITERATIONS = 24
+PROXES = PROX_LOSSES
+
+ALGO_HELP = (
+    "Preset filling every setting not passed explicitly: iter-dpo = (dpo loss, r 0, pairs best_worst; the reference "
+    "of iteration k is the previous iterate, as the paper's Iter-DPO, not the start policy as in common online "
+    "iterative DPO), iter-ipo = (ipo, r 0, beta 0.002, all_soft), sppo = (sppo, r 0, "
+    "all_soft), inpo = (ipo, r 1/3, anchor never advanced, beta 0.002, all_soft), comal = (ipo, r 1/3, anchor "
+    "advanced every 12, beta 0.002, all_soft); 24 iterations unless the source fixes the count. Without this flag an "
+    "unchanged train_dpo launch keeps its meaning and OpenRLHF's defaults: iter-ipo with --model.ipo_enable, else "
+    "iter-dpo."
+)
 
 
 @dataclass
@@ -34,12 +56,13 @@ class Plan:
     prox: str
     ref_weight: float
     ref_update_interval: int  # K; 0 = the anchor never advances
+    round_length: int  # iterations per beta round
     iterations: int
     betas: tuple  # beta per round; the last one is kept for later rounds
+    pair_rule: Optional[str] = None  # online sources only
 
     def round_of(self, k: int) -> int:
-        """Number of reference advances that happened before iteration k."""
-        return k // self.ref_update_interval if self.ref_update_interval > 0 else 0
+        return k // self.round_length
 
     def beta_at(self, k: int) -> float:
         return self.betas[min(self.round_of(k), len(self.betas) - 1)]
@@ -48,6 +71,9 @@ class Plan:
         """True when the anchor takes the policy's weights at the end of iteration k."""
         K = self.ref_update_interval
         return K > 0 and (k + 1) % K == 0
+
+    def round_ends_after(self, k: int) -> bool:
+        return (k + 1) % self.round_length == 0 or k + 1 == self.iterations
 
     def as_dict(self):
         return asdict(self)
@@ -59,9 +85,9 @@ def parse_beta_schedule(text: Optional[str]) -> tuple:
     try:
         betas = tuple(float(x) for x in str(text).split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"--comal.beta_schedule must be comma-separated numbers, got {text!r}") from None
-    if not betas or any(not b > 0 for b in betas):
-        raise ValueError(f"--comal.beta_schedule needs positive betas, got {text!r}")
+        raise PlanError(f"--comal.beta_schedule must be comma-separated numbers, got {text!r}") from None
+    if not betas or any(not (math.isfinite(b) and b > 0) for b in betas):
+        raise PlanError(f"--comal.beta_schedule needs finite positive betas, got {text!r}")
     return betas
 
 
@@ -71,42 +97,94 @@ def resolve_plan(
     ref_weight=None,
     ref_update_interval=None,
     iterations=None,
-    beta=0.1,
+    beta=None,
     beta_schedule=None,
     ipo_enable=False,
     default_iterations=None,
-) -> Plan:
-    """Preset + explicit overrides -> Plan.
+    round_length=None,
+    pair_rule=None,
+    openrlhf_beta=0.1,
+):
+    """Preset + explicit settings -> (Plan, provenance).
 
-    Without ``--comal.algo`` an existing OpenRLHF DPO/IPO launch keeps its meaning: iterative DPO, or iterative IPO
-    with ``--model.ipo_enable``. Explicit ``--comal.*`` flags override the preset's values.
+    Every argument left at None was not passed by the user: the preset (when ``--comal.algo`` was given) fills it,
+    else OpenRLHF's default (``openrlhf_beta``) or the plugin's. ``default_iterations`` is the count a source fixes
+    (the number of offline files, 1 for a static dataset). ``provenance`` maps each setting to "flag", "preset",
+    "source", "OpenRLHF default" or "default".
     """
+    source = {}
+
+    def pick(name, given, preset_value, fallback, fallback_source="default"):
+        if given is not None:
+            source[name] = "flag"
+            return given
+        if preset_value is not None:
+            source[name] = "preset"
+            return preset_value
+        source[name] = fallback_source
+        return fallback
+
+    explicit_algo = algo is not None
     if algo is None:
         algo = "iter-ipo" if ipo_enable else "iter-dpo"
     if algo not in PRESETS:
-        raise ValueError(f"--comal.algo must be one of {', '.join(PRESETS)}, got {algo!r}")
-    preset = PRESETS[algo]
-    if prox is None:
-        prox = preset["prox"]
-        if ipo_enable and prox != "ipo":
-            raise ValueError(
-                f"--model.ipo_enable selects the IPO loss but --comal.algo {algo} uses {prox}; "
-                "pass --comal.prox explicitly to choose one"
-            )
+        raise PlanError(f"--comal.algo must be one of {', '.join(PRESETS)}, got {algo!r}")
+    preset = PRESETS[algo] if explicit_algo else {"prox": PRESETS[algo]["prox"], "ref_weight": 0.0}
+    source["algo"] = "flag" if explicit_algo else "default"
+
+    prox = pick("prox", prox, preset.get("prox"), None)
     if prox not in PROXES:
-        raise ValueError(f"--comal.prox must be one of {', '.join(PROXES)}, got {prox!r}")
-    r = preset["ref_weight"] if ref_weight is None else float(ref_weight)
-    if not 0.0 <= r < 1.0:
-        raise ValueError(f"--comal.ref_weight (r = eta * tau) must lie in [0, 1), got {r}")
-    K = preset["ref_update_interval"] if ref_update_interval is None else int(ref_update_interval)
+        raise PlanError(f"--comal.prox must be one of {', '.join(PROXES)}, got {prox!r}")
+    if ipo_enable and prox != "ipo":
+        raise PlanError(
+            f"--model.ipo_enable selects the IPO loss but the run uses the {prox} loss "
+            f"({'--comal.prox' if source['prox'] == 'flag' else '--comal.algo ' + algo}); drop --model.ipo_enable "
+            "or pass --comal.prox ipo"
+        )
+    r = float(pick("ref_weight", ref_weight, preset.get("ref_weight"), 0.0))
+    if not (math.isfinite(r) and 0.0 <= r < 1.0):
+        raise PlanError(f"--comal.ref_weight (r = eta * tau) must lie in [0, 1), got {r}")
+    K = int(pick("ref_update_interval", ref_update_interval, preset.get("ref_update_interval"), 0))
     if K < 0:
-        raise ValueError(f"--comal.ref_update_interval must be >= 0 (0 = never advance), got {K}")
-    n = iterations if iterations is not None else default_iterations
-    if n is None:
-        n = 24
+        raise PlanError(f"--comal.ref_update_interval must be >= 0 (0 = never advance), got {K}")
+
+    if iterations is not None:
+        n, source["iterations"] = iterations, "flag"
+    elif default_iterations is not None:
+        n, source["iterations"] = default_iterations, "source"
+    else:
+        n, source["iterations"] = DEFAULT_ITERATIONS, "default"
     if n <= 0:
-        raise ValueError(f"--comal.iterations must be positive, got {n}")
-    if not beta > 0:
-        raise ValueError(f"--model.beta must be positive, got {beta}")
-    betas = parse_beta_schedule(beta_schedule) or (float(beta),)
-    return Plan(algo, prox, r, K, int(n), betas)
+        raise PlanError(f"--comal.iterations must be positive, got {n}")
+
+    b = pick("beta", beta, preset.get("beta"), openrlhf_beta, "OpenRLHF default")
+    if not (isinstance(b, (int, float)) and math.isfinite(b) and b > 0):
+        raise PlanError(f"--model.beta must be a finite number > 0, got {b}")
+    betas = parse_beta_schedule(beta_schedule)
+    if betas:
+        source["beta"] = "flag (--comal.beta_schedule)"
+        if beta is not None and float(beta) != betas[0]:
+            raise PlanError(
+                f"--model.beta {beta} and --comal.beta_schedule {beta_schedule} disagree on round 1's beta; "
+                "pass one of them"
+            )
+    else:
+        betas = (float(b),)
+
+    L = pick("round_length", round_length, None, K if K > 0 else n, "default (K)" if K > 0 else "default (all)")
+    if L is None or L <= 0:
+        raise PlanError(f"--comal.round_length must be positive, got {L}")
+    rounds = -(-n // L)
+    if len(betas) > rounds:
+        hint = (
+            " (the anchor never advances with this preset, so rounds need --comal.round_length)"
+            if K == 0 and round_length is None
+            else ""
+        )
+        raise PlanError(
+            f"--comal.beta_schedule has {len(betas)} betas but {n} iterations in rounds of {L} make {rounds} "
+            f"round(s): betas {list(betas[rounds:])} would never apply{hint}"
+        )
+
+    rule = pick("pair_rule", pair_rule, preset.get("pair_rule"), "all_soft")
+    return Plan(algo, prox, r, K, int(L), int(n), betas, rule), source

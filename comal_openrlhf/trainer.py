@@ -1,20 +1,28 @@
-"""COMAL on OpenRLHF: the DPO trainer with prox losses, cached log-probs and reference advances.
+"""COMAL on OpenRLHF: the outer loop of arXiv 2410.23223 (Algorithm 1) over OpenRLHF's DPO trainer.
 
-``COMALTrainer`` subclasses OpenRLHF's ``DPOTrainer`` and keeps its strategy, logging (wandb / TensorBoard),
-evaluation and checkpoint machinery. One COMAL iteration k (COMAL.md section 5):
+One iteration k, each stage a method of ``COMALTrainer`` named after its step:
 
-1. the iteration source yields pairs (offline files, a static dataset, or online sampling + judge);
-2. ONE precompute pass stores log mu_k(y) and log ref(y) of every response (mu_k = the policy at the start of the
-   iteration, ref = the anchor); DPOTrainer recomputes the reference at every step, here neither is recomputed;
-3. the policy trains for ``--train.max_epochs`` epochs on the prox loss around log C = (1 - r) log mu_k + r log ref
-   (comal_openrlhf.losses), with only the policy's forward and backward per step;
-4. every K iterations the anchor takes the policy's weights (comal_openrlhf.weights, ZeRO-3 safe) and a new round
-   starts, possibly with a new beta (``--comal.beta_schedule``).
+1. ``collect_pairs``   sample responses from mu_k and judge them, or read the iteration's pairs (the source);
+2. ``precompute``      the iteration record: the pairs with log mu_k(y) and log ref(y) of every response, computed
+                       once (OpenRLHF's DPOTrainer recomputes the reference at every step; here neither is);
+3. ``train``           ``--train.max_epochs`` passes of the prox loss around log C = (1 - r) log mu_k + r log ref
+                       (comal_openrlhf.losses; the prox step of the regularised game, the paper's Eq. (4)), with a
+                       fresh optimizer state and learning-rate schedule: each iteration is its own prox problem;
+4. ``evaluate``        the held-out prox loss with the anchor as centre (``--eval.dataset``);
+5. ``keep_best``       at the end of a round, with ``--comal.keep_best``, the policy returns to the round's iterate
+                       with the lowest held-out loss (the official pipeline kept its best checkpoint);
+6. ``advance_if_due``  every K iterations the anchor takes the policy's weights, ref <- pi (ZeRO-3 safe);
+7. ``checkpoint``      the history line and a DeepSpeed checkpoint whose client state restores the loop.
 
-Checkpoints (DeepSpeed, through OpenRLHF's strategy) carry the COMAL state in ``client_state["comal"]``: iteration,
-step inside it, anchor version, RNG states and the history of finished iterations. The iteration's pairs and cached
-log-probs and every advanced anchor live beside the checkpoints in ``<ckpt.path>_comal/``, so a run killed in the
-middle of an iteration resumes at that step with the same pairs, the same cache and the right anchor.
+Resuming (``restore``) sets the state these stages read (iteration, step inside it, anchor, the iteration record,
+RNG) and then ``fit`` enters the same loop: there is no second path through it.
+
+Wrapper or subclass: ``COMALTrainer`` subclasses OpenRLHF's ``DPOTrainer`` (openrlhf/trainer/dpo_trainer.py)
+because its constructor is what wires the DeepSpeed strategy, the wandb / TensorBoard loggers from OpenRLHF's
+``--logger.*`` flags and the NLL / aux-loss switches, and its forward helpers (``concatenated_forward``) stay valid.
+What assumes one pass over a fixed dataloader against a fixed reference is replaced or refused: ``fit`` is the loop
+above, ``evaluate`` is stage 4, ``beta`` reads the prox loss's current beta (it changes between rounds), and
+``save_logs_and_checkpoints`` raises (stage 7 checkpoints).
 """
 
 import json
@@ -22,21 +30,35 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from openrlhf.trainer.dpo_trainer import DPOTrainer
 from tqdm import tqdm
+from transformers.trainer import get_scheduler
 
 from comal_openrlhf.data import PairDataset
+from comal_openrlhf.errors import BadInputError, NonFiniteLossError, PlanError
 from comal_openrlhf.logps import pair_logps
 from comal_openrlhf.losses import NEEDS_WIN_RATES, ProxLoss
+from comal_openrlhf.record import IterationRecord
 from comal_openrlhf.weights import atomic_save, copy_weights, load_weights, state_dict_on_rank0
 
+ADVANCE_TOLERANCE = 1e-3  # policy vs anchor sequence log-probs right after ref <- pi (bf16 forwards, same weights)
 
-class NonFiniteLossError(RuntimeError):
-    pass
+
+@dataclass
+class TrainerSettings:
+    """What the loop needs beyond OpenRLHF's trainer arguments (from train_comal's ``--comal.*`` flags)."""
+
+    logps_kernel: str = "auto"
+    iteration_ckpt: bool = True
+    policy_weighting: bool = False  # --rollout.pair_weighting policy
+    mass_coef: float = 0.0
+    keep_optimizer_state: bool = False
+    keep_best: bool = False
 
 
 def _rng_state():
@@ -49,34 +71,44 @@ def _set_rng_state(state):
     torch.set_rng_state(state["torch"])
 
 
-def policy_weights(dataset, cache):
-    """Pair weights mu_k(y) mu_k(y') from the cached log-probs, normalised per prompt (--rollout.pair_weighting
-    policy): the exact pair expectation of the prox loss when a prompt's samples cover mu_k's support."""
-    logw = cache[:, 0] + cache[:, 1]
-    groups = {}
-    for i, r in enumerate(dataset.rows):
-        groups.setdefault(r.prompt, []).append(i)
-    for members in groups.values():
-        m = torch.tensor(members)
-        dataset.fields[m, 3] = torch.softmax(logw[m], 0)
-
-
-def support_mass_penalty(idx, rows, pi_w, pi_l, mu_w, mu_l):
+def support_mass_penalty(pairs, idx, pi_w, pi_l, mu_w, mu_l):
     """(log pi(S_x) - log mu_k(S_x))^2 averaged over the prompts x of a batch, S_x = the distinct responses of x in
-    the batch (--comal.mass_coef). The prox step of COMAL.md section 2 reweights mass among responses; the pair losses
-    see only log-prob differences, so with Adam the policy can leak mass to outputs never sampled. This keeps the
-    total mass of the sampled support where mu_k had it."""
+    the batch (``--comal.mass_coef``; not in the paper). The prox step reweights mass among responses; the pair
+    losses see only log-prob differences, so with Adam the policy can leak mass to outputs never sampled. This keeps
+    the total mass of the sampled support where mu_k had it."""
     seen = {}
     for j, i in enumerate(idx.tolist()):
-        r = rows[i]
-        seen.setdefault(r.prompt, {}).setdefault(r.chosen, (pi_w[j], mu_w[j]))
-        seen[r.prompt].setdefault(r.rejected, (pi_l[j], mu_l[j]))
+        p = pairs[i]
+        seen.setdefault(p.prompt, {}).setdefault(p.chosen, (pi_w[j], mu_w[j]))
+        seen[p.prompt].setdefault(p.rejected, (pi_l[j], mu_l[j]))
     terms = []
     for responses in seen.values():
         pi = torch.stack([v[0] for v in responses.values()])
         mu = torch.stack([v[1] for v in responses.values()])
         terms.append((torch.logsumexp(pi, 0) - torch.logsumexp(mu, 0)) ** 2)
     return torch.stack(terms).mean()
+
+
+def policy_weights(record: IterationRecord) -> torch.Tensor:
+    """Pair weights mu_k(y) mu_k(y') from the cached log-probs (``--rollout.pair_weighting policy``): the exact
+    expectation over y, y' ~ mu_k when a prompt's samples cover mu_k's support (finite games)."""
+    return torch.exp(record.logp_mu_chosen.double() + record.logp_mu_rejected.double()).float()
+
+
+def reset_optimizer_state(optimizer):
+    """Forget Adam's moments and step counts (DeepSpeed's wrappers hold the torch optimizer as ``.optimizer``)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner.state.clear()
+    for group in inner.param_groups:
+        group.pop("step", None)  # DeepSpeed's FusedAdam counts steps per group
+
+
+def optimizer_steps_in_state(optimizer) -> int:
+    """The largest Adam step count held in the optimizer state (0 after a reset)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    steps = [int(s["step"]) for s in inner.state.values() if "step" in s]
+    steps += [int(g["step"]) for g in inner.param_groups if "step" in g]
+    return max(steps, default=0)
 
 
 class COMALTrainer(DPOTrainer):
@@ -91,15 +123,13 @@ class COMALTrainer(DPOTrainer):
         source,
         plan,
         scheduler_cfg,
+        settings: TrainerSettings,
         max_norm=1.0,
         max_epochs=1,
         save_hf_ckpt=False,
         disable_ds_ckpt=False,
-        logps_kernel="openrlhf",
-        iteration_ckpt=True,
-        policy_weighting=False,
-        mass_coef=0.0,
         eval_dataset=None,
+        run_dir=None,
     ):
         super().__init__(
             model=model,
@@ -120,22 +150,38 @@ class COMALTrainer(DPOTrainer):
         self.plan = plan
         self.source = source
         self.scheduler_cfg = scheduler_cfg
-        self.logps_kernel = logps_kernel
-        self.iteration_ckpt = iteration_ckpt
-        self.policy_weighting = policy_weighting
-        self.mass_coef = mass_coef
+        self.settings = settings
         self.eval_dataset = eval_dataset
+        self.run_dir = run_dir
         self.loss_fn = ProxLoss(plan.prox, plan.beta_at(0), plan.ref_weight, args.model.label_smoothing)
+        # what a resume must find unchanged: the algorithm's settings, the source of the pairs and the judge
+        self.run_settings = {**plan.as_dict(), "source": source.describe()}
         self.state_dir = args.ckpt.path.rstrip("/") + "_comal"
         self.history_path = os.path.join(args.ckpt.output_dir, "comal_iterations.jsonl")
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        # COMAL state (what a checkpoint restores)
+        self.grad_accum = self.strategy.accumulated_gradient
+        # the state a checkpoint restores and the stages read
         self.iteration = 0
         self.micro_step = 0  # micro-batches done inside the current iteration
         self.global_step = 0
         self.anchor_version = 0
         self.history = []
-        self._iter_state = None  # (rows, cache) of the iteration being resumed
+        self.best = None  # (eval loss, iteration) of the kept iterate of the current round
+        self._resumed = None  # (record, stats) of the iteration being resumed
+        self._dataset_cache = (None, None)
+
+    # -------------------------------------------------- inherited API made honest
+    @property
+    def beta(self):
+        loss_fn = self.__dict__.get("loss_fn")
+        return loss_fn.beta if isinstance(loss_fn, ProxLoss) else self.__dict__.get("_initial_beta")
+
+    @beta.setter
+    def beta(self, value):  # DPOTrainer.__init__ assigns it before the prox loss exists
+        self.__dict__["_initial_beta"] = value
+
+    def save_logs_and_checkpoints(self, *args, **kwargs):
+        raise NotImplementedError("COMALTrainer logs per step in train() and checkpoints in checkpoint()")
 
     # ------------------------------------------------------------------ logging
     def _log(self, prefix, logs, step):
@@ -147,7 +193,362 @@ class COMALTrainer(DPOTrainer):
             for k, v in logs.items():
                 self._tensorboard.add_scalar(f"{prefix}/{k}", v, step)
 
-    # --------------------------------------------------------- checkpoint/resume
+    def _dataset(self, pairs):
+        """The tokenised pairs of the current record (tokenised once per iteration)."""
+        if self._dataset_cache[0] is not pairs:
+            self._dataset_cache = (pairs, PairDataset(pairs, self.tokenizer, self.args.data.max_len))
+        return self._dataset_cache[1]
+
+    def _loader(self, dataset, shuffle, epoch=0, consumed=0):
+        loader = self.strategy.setup_dataloader(
+            dataset, self.args.train.micro_batch_size, False, shuffle, dataset.collate_fn, drop_last=False
+        )
+        loader.sampler.set_epoch(epoch, consumed_samples=consumed)
+        return loader
+
+    # ------------------------------------------------------------------- the loop
+    def fit(self, args=None, consumed_samples=0, num_update_steps_per_epoch=None):
+        """Algorithm 1 of arXiv 2410.23223: for each iteration k, the stages of the module docstring."""
+        bar = tqdm(
+            total=self.plan.iterations,
+            initial=self.iteration,
+            desc="COMAL iterations",
+            disable=not self.strategy.is_rank_0(),
+        )
+        for k in range(self.iteration, self.plan.iterations):
+            t0 = time.time()
+            self.iteration = k
+            self.loss_fn.beta = self.plan.beta_at(k)
+            if self._resumed is not None:
+                record, stats = self._resumed
+                self._resumed = None
+            else:
+                pairs, stats = self.collect_pairs(k)
+                record = self.precompute(k, pairs, stats) if pairs else None
+            logs = self.train(k, record) if record is not None else {}
+            logs.update(self.evaluate())
+            logs.update(self.keep_best(k, logs))
+            advanced, advance_err = self.advance_if_due(k, record)
+            self.checkpoint(k, record, logs, stats, advanced, advance_err, t0)
+            bar.set_postfix(loss=logs.get("loss", float("nan")))
+            bar.update()
+        bar.close()
+        if self._wandb is not None and self.strategy.is_rank_0():
+            self._wandb.finish()
+        if self._tensorboard is not None and self.strategy.is_rank_0():
+            self._tensorboard.close()
+
+    # ------------------------------------------------------ stage 1: the pairs
+    def collect_pairs(self, k):
+        """Sample and judge (online) or read (offline, static) the pairs of iteration k; counted skips reported."""
+        self.micro_step = 0
+        pairs, stats = self.source.pairs(k, self.model)
+        skips = stats.pop("skips", None)
+        if skips is not None:
+            if skips.total() or skips.truncated:
+                trunc = f"; {skips.truncated} truncated to --data.max_len" if skips.truncated else ""
+                self.strategy.print(
+                    f"[comal] iteration {k}: {len(pairs)} pairs kept, {skips.total()} skipped: {skips.summary()}"
+                    f"{trunc}"
+                )
+            stats["skips"] = skips.as_dict()
+        if not pairs:
+            if not self.source.allow_empty:
+                raise BadInputError(f"iteration {k}: no usable pairs in {stats.get('source', '')}")
+            self.strategy.print(
+                f"[comal] iteration {k}: no prompt has 2 distinct valid samples; iteration skipped (policy unchanged)"
+            )
+        if self.plan.prox in NEEDS_WIN_RATES and any(
+            math.isnan(p.chosen_winrate) or math.isnan(p.rejected_winrate) for p in pairs
+        ):
+            raise BadInputError(f"iteration {k}: the {self.plan.prox} loss needs win rates for every pair")
+        return pairs, stats
+
+    # -------------------------------------------------- stage 2: the record
+    @torch.no_grad()
+    def precompute(self, k, pairs, stats):
+        """The iteration record: sequence log-probs of every pair under mu_k (the policy now) and the anchor, one
+        pass; each rank computes its shard and the shards are gathered so every rank holds the whole record. The
+        record is saved beside the checkpoints so a resume inside iteration k trains on the same pairs and cache."""
+        t0 = time.time()
+        record = IterationRecord.from_pairs(pairs)
+        dataset = self._dataset(record.pairs)
+        self.model.eval()
+        pad = self.tokenizer.pad_token_id
+        kernel = self.settings.logps_kernel
+        idx, vals = [], []
+        loader = self._loader(dataset, shuffle=False)
+        for batch in tqdm(loader, desc="Precompute log-probs", disable=not self.strategy.is_rank_0(), leave=False):
+            mu_w, mu_l, _ = pair_logps(self.model, batch, pad, kernel)
+            ref_w, ref_l, _ = pair_logps(self.ref_model, batch, pad, kernel)
+            idx.append(batch[-1])
+            vals.append(torch.stack([mu_w, mu_l, ref_w, ref_l]).float().cpu())
+        mine = (torch.cat(idx), torch.cat(vals, 1)) if idx else (torch.empty(0, dtype=torch.long), None)
+        parts = [mine]
+        if self.world > 1:
+            parts = [None] * self.world
+            dist.all_gather_object(parts, mine)
+        logps = torch.full((4, len(record)), float("nan"))
+        for i, v in parts:
+            if v is not None:
+                logps[:, i] = v
+        if torch.isnan(logps).any():
+            raise RuntimeError("precompute left pairs without log-probs (the sampler did not cover the dataset)")
+        self.model.train()
+        record = record.with_logps(*logps)
+        if self.settings.policy_weighting:
+            record = record.with_weights(policy_weights(record))
+        stats["precompute_s"] = round(time.time() - t0, 3)
+        if self.strategy.is_rank_0():
+            os.makedirs(self.state_dir, exist_ok=True)
+            atomic_save({"record": record.state_dict(), "stats": stats}, self.iter_state_path(k))
+            old = self.iter_state_path(k - 1)
+            if os.path.exists(old):
+                os.remove(old)
+        return record
+
+    # ------------------------------------------------------- stage 3: train
+    def _restart_schedule(self, steps, done=0):
+        """A fresh warm-up + decay of the learning rate for the iteration's ``steps`` optimizer steps."""
+        cfg = self.scheduler_cfg
+        name = cfg["lr_scheduler"]
+        kwargs = (
+            {"min_lr_rate": cfg["min_lr_ratio"]} if name in {"cosine_with_min_lr", "cosine_warmup_with_min_lr"} else {}
+        )
+        for group in self.scheduler.optimizer.param_groups:
+            group["lr"] = group["initial_lr"]
+        fresh = get_scheduler(
+            name,
+            self.scheduler.optimizer,
+            num_warmup_steps=math.ceil(steps * cfg["lr_warmup_ratio"]),
+            num_training_steps=steps,
+            scheduler_specific_kwargs=kwargs,
+        )
+        self.scheduler.lr_lambdas = fresh.lr_lambdas
+        self.scheduler.base_lrs = fresh.base_lrs
+        self.scheduler.last_epoch = done
+        lrs = [base * lam(done) for base, lam in zip(fresh.base_lrs, fresh.lr_lambdas)]
+        for group, lr in zip(self.scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
+
+    def train(self, k, record):
+        """``--train.max_epochs`` passes over the record's pairs with the prox loss; returns the mean step logs.
+
+        The step count is rounded up to whole optimizer steps. A resume continues at ``micro_step`` with the
+        sampler's order for that pass (``set_epoch``), so the same micro-batches follow.
+        """
+        dataset = self._dataset(record.pairs)
+        mb = self.args.train.micro_batch_size
+        per_pass = len(self._loader(dataset, shuffle=True))
+        micro_total = -(-per_pass * self.epochs // self.grad_accum) * self.grad_accum
+        if self.micro_step == 0 and not self.settings.keep_optimizer_state:
+            reset_optimizer_state(self.optimizer)
+        self._restart_schedule(micro_total // self.grad_accum, self.micro_step // self.grad_accum)
+        bar = tqdm(
+            total=micro_total,
+            initial=self.micro_step,
+            desc=f"Iteration {k} steps",
+            disable=not self.strategy.is_rank_0(),
+        )
+        sums, count = {}, 0
+        self.model.train()
+        self.ref_model.eval()
+        while self.micro_step < micro_total:
+            epoch, done = divmod(self.micro_step, per_pass)
+            loader = self._loader(dataset, True, epoch=k * 1000 + epoch, consumed=done * mb * self.world)
+            for batch in loader:
+                if self.micro_step >= micro_total:
+                    break
+                logs = self._train_step(batch, record)
+                for n, v in logs.items():
+                    sums[n] = sums.get(n, 0.0) + v
+                count += 1
+                self.micro_step += 1
+                bar.update()
+                if self.micro_step % self.grad_accum == 0:
+                    self._after_optimizer_step(k, logs, bar, micro_total)
+        bar.close()
+        out = {n: v / max(count, 1) for n, v in sums.items()}
+        out["steps"] = micro_total // self.grad_accum
+        out["optimizer_steps_in_state"] = optimizer_steps_in_state(self.optimizer)
+        return out
+
+    def _after_optimizer_step(self, k, logs, bar, micro_total):
+        self.global_step += 1
+        logs = {**logs, "lr": self.scheduler.get_last_lr()[0], "beta": self.loss_fn.beta, "iteration": k}
+        logs["grad_norm"] = self.strategy.get_grad_norm(self.model)
+        bar.set_postfix(loss=logs["loss"], accuracy=logs["accuracy"])
+        if self.global_step % self.args.logger.logging_steps == 0:
+            self._log("train", logs, self.global_step)
+        save_steps = self.args.ckpt.save_steps
+        if save_steps > 0 and self.global_step % save_steps == 0 and self.micro_step < micro_total:
+            self.save_checkpoint("step")
+
+    def _train_step(self, batch, record):
+        idx = batch[-1]
+        device = next(self.model.parameters()).device
+        pi_w, pi_l, nll = pair_logps(self.model, batch, self.tokenizer.pad_token_id, self.settings.logps_kernel)
+        pb = record.batch(idx).to(device)
+        loss, chosen_reward, reject_reward = self.loss_fn(
+            pi_w, pi_l, pb, reduction_size=self.args.train.micro_batch_size
+        )
+        total = loss + (nll * self.args.model.nll_loss_coef if self.nll_loss else 0)
+        if self.settings.mass_coef > 0:
+            penalty = support_mass_penalty(record.pairs, idx, pi_w, pi_l, pb.logp_mu_chosen, pb.logp_mu_rejected)
+            total = total + self.settings.mass_coef * penalty
+        bad = torch.tensor([0.0 if torch.isfinite(total) else 1.0])
+        if self.world > 1:
+            dist.all_reduce(bad)
+        if bad.item() > 0:
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {self.iteration}, micro-step {self.micro_step} "
+                f"(loss {loss.item()}); training stopped, the last good checkpoint in {self.args.ckpt.path} is kept. "
+                "Lower --adam.lr or check the data / win rates."
+            )
+        self.strategy.backward(total, self.model, self.optimizer)
+        self.strategy.optimizer_step(self.optimizer, self.model, self.scheduler)
+        return {
+            "loss": loss.item(),
+            "accuracy": (chosen_reward > reject_reward).float().mean().item(),
+            "chosen_reward": chosen_reward.mean().item(),
+            "reject_reward": reject_reward.mean().item(),
+            "margin": (chosen_reward - reject_reward).mean().item(),
+            "logratio_to_anchor": ((pi_w - pb.logp_ref_chosen) + (pi_l - pb.logp_ref_rejected)).mean().item() / 2,
+        }
+
+    # ---------------------------------------------------- stage 4: evaluate
+    @torch.no_grad()
+    def evaluate(self, eval_dataloader=None, steps=0):
+        """``--eval.dataset`` after each iteration: the prox loss with the anchor as centre (OpenRLHF's DPO/IPO
+        eval loss against its reference) and the share of pairs whose log-ratio margin to the anchor is positive.
+        Returns {} without an eval dataset."""
+        if self.eval_dataset is None:
+            return {}
+        dataset, record = self.eval_dataset
+        self.model.eval()
+        pad = self.tokenizer.pad_token_id
+        kernel = self.settings.logps_kernel
+        loss_sum, hits, n = 0.0, 0.0, 0
+        desc = f"Eval after iteration {self.iteration}"
+        for batch in tqdm(self._loader(dataset, False), desc=desc, disable=not self.strategy.is_rank_0(), leave=False):
+            pw, pl, _ = pair_logps(self.model, batch, pad, kernel)
+            rw, rl, _ = pair_logps(self.ref_model, batch, pad, kernel)
+            # the anchor as the centre: log mu := log ref, so log C = log ref for every r
+            pb = replace(
+                record.batch(batch[-1]).to(pw.device),
+                logp_mu_chosen=rw,
+                logp_mu_rejected=rl,
+                logp_ref_chosen=rw,
+                logp_ref_rejected=rl,
+            )
+            loss, cr, rr = self.loss_fn(pw, pl, pb, reduction_size=1)
+            loss_sum += loss.item()
+            hits += (cr > rr).float().sum().item()
+            n += len(pw)
+        self.model.train()
+        totals = self.strategy.all_reduce({"loss": loss_sum, "hits": hits, "n": float(n)}, op="sum")
+        n = max(totals["n"], 1)
+        logs = {"eval_loss": totals["loss"] / n, "eval_accuracy": totals["hits"] / n}
+        self._log("eval", logs, self.iteration)
+        return logs
+
+    # --------------------------------------------------- stage 5: keep best
+    def keep_best(self, k, logs):
+        """With ``--comal.keep_best``: remember the round's iterate with the lowest held-out prox loss, and at the
+        round's end load it into the policy (so it becomes mu_{k+1} and, at an advance, the anchor)."""
+        if not self.settings.keep_best:
+            return {}
+        loss = logs["eval_loss"]
+        path = os.path.join(self.state_dir, "best_of_round.pt")
+        if self.best is None or loss < self.best[0]:
+            self.best = (loss, k)
+            state = state_dict_on_rank0(self.model)
+            if self.strategy.is_rank_0():
+                os.makedirs(self.state_dir, exist_ok=True)
+                atomic_save(state, path)
+        out = {}
+        if self.plan.round_ends_after(k):
+            best_k = self.best[1]
+            if best_k != k:
+                if dist.is_initialized():
+                    dist.barrier()
+                load_weights(self.model, torch.load(path, map_location="cpu", weights_only=True))
+                refresh = getattr(self.optimizer, "refresh_fp32_params", None)
+                if refresh is not None:  # DeepSpeed keeps fp32 master weights beside the bf16 module
+                    refresh()
+                self.strategy.print(f"[comal] end of round: the policy returns to iteration {best_k}'s weights")
+            out = {"kept_iteration": best_k, "kept_eval_loss": self.best[0]}
+            self.best = None
+        return out
+
+    # ----------------------------------------------------- stage 6: advance
+    def advance_if_due(self, k, record):
+        """ref <- pi every K iterations (the reference advance of COMAL), then a check that both give the same
+        log-probs right away: a write lost under ZeRO-3 would show here. Returns (advanced, max abs difference)."""
+        if not self.plan.advance_after(k):
+            return False, None
+        copy_weights(self.model, self.ref_model)
+        err = self._check_advance(record) if record is not None else None
+        self.anchor_version += 1
+        state = state_dict_on_rank0(self.ref_model)
+        if self.strategy.is_rank_0():
+            os.makedirs(self.state_dir, exist_ok=True)
+            atomic_save(state, self.anchor_path(self.anchor_version))
+            stale = self.anchor_path(self.anchor_version - 2)
+            if os.path.exists(stale):
+                os.remove(stale)
+        if dist.is_initialized():
+            dist.barrier()
+        return True, err
+
+    @torch.no_grad()
+    def _check_advance(self, record):
+        batch = next(iter(self._loader(self._dataset(record.pairs), shuffle=False)))
+        self.model.eval()
+        pad = self.tokenizer.pad_token_id
+        pw, pl, _ = pair_logps(self.model, batch, pad, self.settings.logps_kernel)
+        rw, rl, _ = pair_logps(self.ref_model, batch, pad, self.settings.logps_kernel)
+        self.model.train()
+        err = torch.stack([pw - rw, pl - rl]).abs().max().float()
+        if self.world > 1:
+            dist.all_reduce(err, op=dist.ReduceOp.MAX)
+        if err.item() > ADVANCE_TOLERANCE:
+            raise RuntimeError(f"reference advance failed: policy and anchor log-probs differ by {err.item()}")
+        return err.item()
+
+    # -------------------------------------------------- stage 7: checkpoint
+    def checkpoint(self, k, record, logs, stats, advanced, advance_err, t0):
+        """Append iteration k's history line (file and logger) and save the end-of-iteration checkpoint."""
+        plan = self.plan
+        line = {
+            "iteration": k,
+            "round": plan.round_of(k),
+            "beta": self.loss_fn.beta,
+            "pairs": len(record) if record is not None else 0,
+            "advanced": advanced,
+            "anchor_version": self.anchor_version,
+            "seconds": round(time.time() - t0, 3),
+        }
+        if record is not None:
+            line["logratio_mu_to_anchor"] = record.logratio_mu_to_anchor()
+            line["pair_weight_min"] = record.weight.min().item()
+            line["pair_weight_max"] = record.weight.max().item()
+        if advance_err is not None:
+            line["advance_max_abs_diff"] = advance_err
+        line.update(logs)
+        line.update({n: v for n, v in stats.items() if isinstance(v, (int, float))})
+        line.update(stats.get("skips", {}))
+        self.history.append(line)
+        self.iteration, self.micro_step = k + 1, 0
+        if self.settings.iteration_ckpt:
+            self.save_checkpoint("end of iteration")
+        if self.strategy.is_rank_0():
+            os.makedirs(os.path.dirname(self.history_path) or ".", exist_ok=True)
+            with open(self.history_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        self._log("iter", {n: float(v) for n, v in line.items() if isinstance(v, (int, float))}, k)
+
     def _client_state(self):
         return {
             "consumed_samples": self.global_step * self.args.train.batch_size,
@@ -157,7 +558,8 @@ class COMALTrainer(DPOTrainer):
                 "global_step": self.global_step,
                 "anchor_version": self.anchor_version,
                 "history": self.history,
-                "plan": self.plan.as_dict(),
+                "plan": self.run_settings,
+                "best": self.best,
                 "rng": _rng_state(),
             },
         }
@@ -182,349 +584,88 @@ class COMALTrainer(DPOTrainer):
     def iter_state_path(self, k):
         return os.path.join(self.state_dir, f"iter_{k:03d}.pt")
 
-    def restore(self, states):
-        """Restore the COMAL state from a loaded checkpoint's client state."""
+    # ----------------------------------------------------------------- resume
+    def restore(self, states, accept_plan_change=False):
+        """Restore the loop's state from a loaded checkpoint's client state; ``fit`` then continues the same loop.
+
+        The checkpoint's plan must equal this run's (``plan_differences``) unless ``accept_plan_change``; an accepted
+        change is recorded in the history."""
         comal = states.get("comal")
         if comal is None:
-            raise SystemExit(
-                f"[comal] the checkpoint in {self.args.ckpt.path} was not written by train_comal (no COMAL state); "
+            raise PlanError(
+                f"the checkpoint in {self.args.ckpt.path} was not written by train_comal (no COMAL state); "
                 "point --ckpt.path at a train_comal checkpoint or drop --ckpt.load_enable"
+            )
+        diffs = plan_differences(comal.get("plan", {}), self.run_settings)
+        if diffs and not accept_plan_change:
+            lines = "\n".join(f"  {name}: checkpoint {old!r}, this run {new!r}" for name, old, new in diffs)
+            raise PlanError(
+                f"--ckpt.load_enable would continue the run in {self.args.ckpt.path} with other settings:\n{lines}\n"
+                "Either start a new run (a new --ckpt.path and --ckpt.output_dir), or pass "
+                "--comal.accept_plan_change to continue with this run's settings (the change is recorded in the "
+                "history)."
             )
         self.iteration = comal["iteration"]
         self.micro_step = comal["micro_step"]
         self.global_step = comal["global_step"]
         self.anchor_version = comal["anchor_version"]
         self.history = comal["history"]
+        self.best = comal.get("best")
+        if diffs:
+            self.history.append(
+                {"plan_change_at_iteration": self.iteration, "changes": {n: [o, v] for n, o, v in diffs}}
+            )
         _set_rng_state(comal["rng"])
         if self.anchor_version > 0:
             path = self.anchor_path(self.anchor_version)
             if not os.path.exists(path):
-                raise SystemExit(f"[comal] resume needs the anchor {path}, which is missing")
+                raise PlanError(f"resume needs the anchor {path}, which is missing")
             load_weights(self.ref_model, torch.load(path, map_location="cpu", weights_only=True))
         if self.micro_step > 0:
             path = self.iter_state_path(self.iteration)
             if not os.path.exists(path):
-                raise SystemExit(f"[comal] resume in the middle of iteration {self.iteration} needs {path}")
-            saved = torch.load(path, map_location="cpu", weights_only=False)
-            self._iter_state = (saved["rows"], saved["cache"], saved["stats"])
+                raise PlanError(f"resume in the middle of iteration {self.iteration} needs {path}, which is missing")
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            record = IterationRecord.from_state_dict(saved["record"])
+            self._check_anchor(record)
+            self._resumed = (record, saved["stats"])
         if self.strategy.is_rank_0():  # the log holds exactly the finished iterations of this checkpoint
+            os.makedirs(os.path.dirname(self.history_path) or ".", exist_ok=True)
             with open(self.history_path, "w") as f:
                 f.writelines(json.dumps(h) + "\n" for h in self.history)
         self.strategy.print(
             f"[comal] resumed: iteration {self.iteration}, micro-step {self.micro_step}, "
-            f"global step {self.global_step}, anchor v{self.anchor_version}, {len(self.history)} finished iterations"
+            f"global step {self.global_step}, anchor v{self.anchor_version}, "
+            f"{sum('iteration' in h for h in self.history)} finished iterations"
         )
-
-    # -------------------------------------------------------------- precompute
-    def _loader(self, dataset, shuffle, drop_last, epoch=0, consumed=0):
-        loader = self.strategy.setup_dataloader(
-            dataset, self.args.train.micro_batch_size, False, shuffle, dataset.collate_fn, drop_last=drop_last
-        )
-        loader.sampler.set_epoch(epoch, consumed_samples=consumed)
-        return loader
 
     @torch.no_grad()
-    def precompute(self, dataset):
-        """Sequence log-probs of every pair under mu_k (the current policy) and the anchor: [n, 4] fp32 tensor
-        (mu_w, mu_l, ref_w, ref_l). Each rank computes its shard; the shards are gathered so every rank has all."""
-        self.model.eval()
-        pad = self.tokenizer.pad_token_id
-        idx, vals = [], []
-        loader = self._loader(dataset, shuffle=False, drop_last=False)
-        for batch in tqdm(loader, desc="Precompute log-probs", disable=not self.strategy.is_rank_0(), leave=False):
-            mu_w, mu_l, _ = pair_logps(self.model, batch, pad, self.logps_kernel)
-            ref_w, ref_l, _ = pair_logps(self.ref_model, batch, pad, self.logps_kernel)
-            idx.append(batch[-1])
-            vals.append(torch.stack([mu_w, mu_l, ref_w, ref_l], dim=1).float().cpu())
-        mine = (torch.cat(idx) if idx else torch.empty(0, dtype=torch.long), torch.cat(vals) if vals else None)
-        parts = [None] * self.world
-        if self.world > 1:
-            dist.all_gather_object(parts, mine)
-        else:
-            parts = [mine]
-        cache = torch.full((len(dataset), 4), float("nan"))
-        for i, v in parts:
-            if v is not None:
-                cache[i] = v
-        if torch.isnan(cache).any():
-            raise RuntimeError("precompute left pairs without log-probs (sampler did not cover the dataset)")
-        self.model.train()
-        return cache
-
-    # ------------------------------------------------------------ lr schedule
-    def _restart_schedule(self, steps, done=0):
-        """Fresh warmup + decay for every iteration (each COMAL iteration is its own prox problem, as the official
-        pipeline trains each iteration from the previous checkpoint with a new schedule)."""
-        from transformers.trainer import get_scheduler
-
-        cfg = self.scheduler_cfg
-        name = cfg["lr_scheduler"]
-        kwargs = (
-            {"min_lr_rate": cfg["min_lr_ratio"]} if name in {"cosine_with_min_lr", "cosine_warmup_with_min_lr"} else {}
-        )
-        for group in self.scheduler.optimizer.param_groups:
-            group["lr"] = group["initial_lr"]
-        fresh = get_scheduler(
-            name,
-            self.scheduler.optimizer,
-            num_warmup_steps=math.ceil(steps * cfg["lr_warmup_ratio"]),
-            num_training_steps=steps,
-            scheduler_specific_kwargs=kwargs,
-        )
-        self.scheduler.lr_lambdas = fresh.lr_lambdas
-        self.scheduler.base_lrs = fresh.base_lrs
-        self.scheduler.last_epoch = done
-        lrs = [base * lam(done) for base, lam in zip(fresh.base_lrs, fresh.lr_lambdas)]
-        for group, lr in zip(self.scheduler.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        self.scheduler._last_lr = lrs
-
-    # -------------------------------------------------------------- the loop
-    def fit(self, args=None, consumed_samples=0, num_update_steps_per_epoch=None):
-        plan = self.plan
-        acc = self.strategy.accumulated_gradient
-        iter_bar = tqdm(
-            range(self.iteration, plan.iterations),
-            desc="COMAL iterations",
-            disable=not self.strategy.is_rank_0(),
-        )
-        for k in range(self.iteration, plan.iterations):
-            t0 = time.time()
-            self.iteration = k
-            beta = plan.beta_at(k)
-            self.loss_fn.beta = beta
-            if self._iter_state is not None:  # resuming in the middle of iteration k
-                rows, cache, stats = self._iter_state
-                self._iter_state = None
-                dataset = PairDataset(rows, self.tokenizer, self.args.data.max_len)
-                self._check_anchor(dataset, cache)
-            else:
-                self.micro_step = 0
-                rows, stats = self.source.pairs(k, self)
-                self._report_skips(k, rows, stats)
-                stats = {key: (v.as_dict() if hasattr(v, "as_dict") else v) for key, v in stats.items()}
-                if not rows:  # online: every prompt had < 2 distinct valid samples (e.g. a collapsed policy)
-                    self._finish_iteration(k, beta, None, {}, stats, t0, 0, 0)
-                    iter_bar.update()
-                    continue
-                dataset = PairDataset(rows, self.tokenizer, self.args.data.max_len)
-                tp = time.time()
-                cache = self.precompute(dataset)
-                stats["precompute_s"] = time.time() - tp
-                if self.strategy.is_rank_0():
-                    os.makedirs(self.state_dir, exist_ok=True)
-                    atomic_save({"rows": rows, "cache": cache, "stats": stats}, self.iter_state_path(k))
-                    old = self.iter_state_path(k - 1)
-                    if os.path.exists(old):
-                        os.remove(old)
-            if self.policy_weighting:
-                policy_weights(dataset, cache)
-            if plan.prox in NEEDS_WIN_RATES and torch.isnan(dataset.fields[:, :2]).any():
-                raise SystemExit(f"[comal] iteration {k}: the {plan.prox} loss needs win rates for every pair")
-
-            # every pass over the pairs is one epoch; the step count is rounded up to whole optimizer steps
-            per_pass = len(self._loader(dataset, shuffle=True, drop_last=False))
-            total = -(-per_pass * self.epochs // acc) * acc
-            self._restart_schedule(total // acc, self.micro_step // acc)
-            logs = self._train_iteration(k, dataset, cache, per_pass, total)
-
-            if self.eval_dataset is not None:
-                logs.update(self.evaluate_pairs(k))
-            self._finish_iteration(k, beta, dataset, logs, stats, t0, total // acc, cache)
-            iter_bar.set_postfix(loss=logs.get("loss", float("nan")))
-            iter_bar.update()
-
-        if self._wandb is not None and self.strategy.is_rank_0():
-            self._wandb.finish()
-        if self._tensorboard is not None and self.strategy.is_rank_0():
-            self._tensorboard.close()
-
-    def _finish_iteration(self, k, beta, dataset, logs, stats, t0, steps, cache):
-        """Advance the anchor if due, then checkpoint, then append the iteration's history line."""
-        plan = self.plan
-        advanced = plan.advance_after(k)
-        advance_err = None
-        if advanced:
-            copy_weights(self.model, self.ref_model)
-            if dataset is not None:
-                advance_err = self._check_advance(dataset)
-            self.anchor_version += 1
-            state = state_dict_on_rank0(self.ref_model)
-            if self.strategy.is_rank_0():
-                os.makedirs(self.state_dir, exist_ok=True)
-                atomic_save(state, self.anchor_path(self.anchor_version))
-                stale = self.anchor_path(self.anchor_version - 2)
-                if os.path.exists(stale):
-                    os.remove(stale)
-            if dist.is_initialized():
-                dist.barrier()
-        record = {
-            "iteration": k,
-            "round": plan.round_of(k),
-            "beta": beta,
-            "pairs": len(dataset) if dataset is not None else 0,
-            "steps": steps,
-            "advanced": advanced,
-            "anchor_version": self.anchor_version,
-            "seconds": round(time.time() - t0, 3),
-        }
-        if dataset is not None:
-            record["logratio_mu_to_anchor"] = cache[:, :2].mean().item() - cache[:, 2:].mean().item()
-        if advance_err is not None:
-            record["advance_max_abs_diff"] = advance_err
-        record.update(logs)
-        record.update({n: v for n, v in stats.items() if isinstance(v, (int, float))})
-        record.update(stats.get("skips", {}))
-        self.history.append(record)
-        self.iteration, self.micro_step = k + 1, 0
-        if self.iteration_ckpt:
-            self.save_checkpoint("end of iteration")
-        if self.strategy.is_rank_0():
-            os.makedirs(os.path.dirname(self.history_path) or ".", exist_ok=True)
-            with open(self.history_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        self._log("iter", {n: float(v) for n, v in record.items() if isinstance(v, (int, float))}, k)
-
-    def _report_skips(self, k, rows, stats):
-        skips = stats.get("skips")
-        if skips is not None and (skips.total() or skips.truncated):
-            trunc = f"; {skips.truncated} truncated to --data.max_len" if skips.truncated else ""
-            self.strategy.print(
-                f"[comal] iteration {k}: {len(rows)} pairs kept, {skips.total()} skipped: {skips.summary()}{trunc}"
-            )
-        if not rows:
-            if not getattr(self.source, "allow_empty", False):
-                raise SystemExit(f"[comal] iteration {k}: no usable pairs in {stats.get('source', '')}")
-            self.strategy.print(
-                f"[comal] iteration {k}: no prompt has 2 distinct valid samples; iteration skipped (policy unchanged)"
-            )
-
-    @torch.no_grad()
-    def evaluate_pairs(self, k):
-        """``--eval.dataset`` after each iteration: the prox loss with the anchor as centre (OpenRLHF's DPO/IPO eval
-        loss against its reference) and the fraction of pairs whose log-ratio margin to the anchor is positive."""
-        self.model.eval()
-        pad = self.tokenizer.pad_token_id
-        loader = self._loader(self.eval_dataset, shuffle=False, drop_last=False)
-        loss_sum, acc_sum, n = 0.0, 0.0, 0
-        for batch in tqdm(
-            loader, desc=f"Eval after iteration {k}", disable=not self.strategy.is_rank_0(), leave=False
-        ):
-            pw, pl, _ = pair_logps(self.model, batch, pad, self.logps_kernel)
-            rw, rl, _ = pair_logps(self.ref_model, batch, pad, self.logps_kernel)
-            f = self.eval_dataset.fields[batch[-1]].to(pw.device)
-            loss, cr, rr = self.loss_fn(pw, pl, rw, rl, rw, rl, p_w=f[:, 0], p_l=f[:, 1], soft_label=f[:, 2])
-            loss_sum += loss.item() * len(pw)
-            acc_sum += (cr > rr).float().sum().item()
-            n += len(pw)
-        self.model.train()
-        logs = self.strategy.all_reduce({"eval_loss": loss_sum / max(n, 1), "eval_acc": acc_sum / max(n, 1)})
-        self._log("eval", logs, k)
-        return logs
-
-    @torch.no_grad()
-    def _check_advance(self, dataset):
-        """Right after ref <- pi the two must give the same log-probs; a lost ZeRO-3 write would show here."""
-        batch = next(iter(self._loader(dataset, shuffle=False, drop_last=False)))
-        self.model.eval()
-        pad = self.tokenizer.pad_token_id
-        pw, pl, _ = pair_logps(self.model, batch, pad, self.logps_kernel)
-        rw, rl, _ = pair_logps(self.ref_model, batch, pad, self.logps_kernel)
-        self.model.train()
-        err = torch.stack([pw - rw, pl - rl]).abs().max().float()
-        if self.world > 1:
-            dist.all_reduce(err, op=dist.ReduceOp.MAX)
-        if err.item() > 1e-3:
-            raise RuntimeError(f"[comal] reference advance failed: policy and anchor log-probs differ by {err.item()}")
-        return err.item()
-
-    def _check_anchor(self, dataset, cache):
-        """After a resume: the anchor must reproduce the cached reference log-probs (same anchor, same pairs)."""
-        loader = self._loader(dataset, shuffle=False, drop_last=False)
-        batch = next(iter(loader))
-        with torch.no_grad():
-            ref_w, ref_l, _ = pair_logps(self.ref_model, batch, self.tokenizer.pad_token_id, self.logps_kernel)
-        err = (torch.stack([ref_w, ref_l], 1).float().cpu() - cache[batch[-1]][:, 2:]).abs().max().item()
+    def _check_anchor(self, record):
+        """After a resume: the anchor must reproduce the record's cached reference log-probs."""
+        batch = next(iter(self._loader(self._dataset(record.pairs), shuffle=False)))
+        ref_w, ref_l, _ = pair_logps(self.ref_model, batch, self.tokenizer.pad_token_id, self.settings.logps_kernel)
+        cached = record.batch(batch[-1])
+        got = torch.stack([ref_w, ref_l]).float().cpu()
+        err = (got - torch.stack([cached.logp_ref_chosen, cached.logp_ref_rejected])).abs().max().item()
         self.strategy.print(f"[comal] resume check: anchor log-probs match the cache within {err:.2e}")
-        if err > 1e-3:
-            raise SystemExit(f"[comal] the restored anchor does not reproduce the cached log-probs (max error {err})")
+        if err > ADVANCE_TOLERANCE:
+            raise PlanError(f"the restored anchor does not reproduce the cached log-probs (max error {err})")
 
-    def _train_iteration(self, k, dataset, cache, per_pass, total):
-        acc = self.strategy.accumulated_gradient
-        pad = self.tokenizer.pad_token_id
-        mb = self.args.train.micro_batch_size
-        step_bar = tqdm(
-            total=total, initial=self.micro_step, desc=f"Iteration {k} steps", disable=not self.strategy.is_rank_0()
-        )
-        sums, count = {}, 0
-        self.model.train()
-        self.ref_model.eval()
-        while self.micro_step < total:
-            # pass e over the pairs, resumed after the micro-batches a checkpoint already holds
-            e, done = divmod(self.micro_step, per_pass)
-            loader = self._loader(dataset, True, False, epoch=k * 1000 + e, consumed=done * mb * self.world)
-            for batch in loader:
-                if self.micro_step >= total:
-                    break
-                logs = self._train_step(batch, cache, dataset, pad)
-                for n, v in logs.items():
-                    sums[n] = sums.get(n, 0.0) + v
-                count += 1
-                self.micro_step += 1
-                step_bar.update()
-                if self.micro_step % acc == 0:
-                    self.global_step += 1
-                    logs["lr"] = self.scheduler.get_last_lr()[0]
-                    logs["grad_norm"] = self.strategy.get_grad_norm(self.model)
-                    logs["beta"] = self.loss_fn.beta
-                    logs["iteration"] = k
-                    step_bar.set_postfix(loss=logs["loss"], acc=logs["acc"])
-                    if self.global_step % self.args.logger.logging_steps == 0:
-                        self._log("train", logs, self.global_step)
-                    save_steps = self.args.ckpt.save_steps
-                    if save_steps > 0 and self.global_step % save_steps == 0 and self.micro_step < total:
-                        self.save_checkpoint("step")
-        step_bar.close()
-        return {n: v / max(count, 1) for n, v in sums.items()}
 
-    def _train_step(self, batch, cache, dataset, pad):
-        idx = batch[-1]
-        device = next(self.model.parameters()).device
-        pi_w, pi_l, nll = pair_logps(self.model, batch, pad, self.logps_kernel)
-        c = cache[idx].to(device)
-        f = dataset.fields[idx].to(device)
-        loss, chosen_reward, reject_reward = self.loss_fn(
-            pi_w,
-            pi_l,
-            c[:, 0],
-            c[:, 1],
-            c[:, 2],
-            c[:, 3],
-            p_w=f[:, 0],
-            p_l=f[:, 1],
-            soft_label=f[:, 2],
-            weight=f[:, 3],
-        )
-        total = loss + (nll * self.args.model.nll_loss_coef if self.nll_loss else 0)
-        if self.mass_coef > 0:
-            total = total + self.mass_coef * support_mass_penalty(idx, dataset.rows, pi_w, pi_l, c[:, 0], c[:, 1])
-        bad = torch.tensor([0.0 if torch.isfinite(total) else 1.0])
-        if self.world > 1:
-            dist.all_reduce(bad)
-        if bad.item() > 0:
-            raise NonFiniteLossError(
-                f"[comal] non-finite loss at iteration {self.iteration}, micro-step {self.micro_step} "
-                f"(loss {loss.item()}); training stopped, the last good checkpoint in {self.args.ckpt.path} is kept. "
-                "Lower --adam.lr or check the data / win rates."
-            )
-        self.strategy.backward(total, self.model, self.optimizer)
-        self.strategy.optimizer_step(self.optimizer, self.model, self.scheduler)
-        margin = (chosen_reward - reject_reward).mean().item()
-        return {
-            "loss": loss.item(),
-            "acc": (chosen_reward > reject_reward).float().mean().item(),
-            "chosen_reward": chosen_reward.mean().item(),
-            "reject_reward": reject_reward.mean().item(),
-            "margin": margin,
-            "kl_pi_to_anchor_pairs": ((pi_w - c[:, 2]) + (pi_l - c[:, 3])).mean().item() / 2,
-        }
+def plan_differences(old: dict, new: dict) -> list:
+    """[(setting, checkpoint value, this run's value)] for every plan setting that differs."""
+    out = []
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name), new.get(name)
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            a, b = list(a), list(b)
+        if a != b:
+            out.append((name, a, b))
+    return out
+
+
+def eval_record(pairs) -> IterationRecord:
+    """Held-out pairs as a record; ``evaluate`` puts the anchor's log-probs in place of its (zero) cache."""
+    record = IterationRecord.from_pairs(pairs)
+    zeros = torch.zeros(len(record))
+    return record.with_logps(zeros, zeros, zeros, zeros)

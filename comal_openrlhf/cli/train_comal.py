@@ -16,16 +16,17 @@ import argparse
 import ast
 import importlib.util
 import os
+import sys
 from datetime import datetime  # noqa: F401  (train_dpo's parser statements use it)
 
+from comal_openrlhf import cpu_runtime
+from comal_openrlhf.data import OfflineSource, PairDataset, RowFormatter, SkipLog, StaticSource
+from comal_openrlhf.errors import BadInputError, COMALError, PlanError
 from comal_openrlhf.logps import LOGPS_KERNELS
-from comal_openrlhf.schedule import PRESETS, PROXES
-
-ALGO_HELP = (
-    "Preset of (prox loss, r, K): iter-dpo = (dpo, 0, never), iter-ipo = (ipo, 0, never), sppo = (sppo, 0, never), "
-    "inpo = (ipo, 1/3, never), comal = (ipo, 1/3, 12). Default: iter-ipo with --model.ipo_enable, else iter-dpo, "
-    "so an unchanged train_dpo launch keeps its meaning."
-)
+from comal_openrlhf.losses import NEEDS_WIN_RATES
+from comal_openrlhf.online import OnlineSource, add_online_args
+from comal_openrlhf.rundir import RunDirectory
+from comal_openrlhf.schedule import ALGO_HELP, PRESETS, PROXES, resolve_plan
 
 
 def _train_dpo_main():
@@ -62,7 +63,8 @@ def add_comal_args(parser):
         type=str,
         default=None,
         choices=list(PROXES),
-        help="Prox loss (COMAL.md sec. 4) overriding the preset: ipo (exact for any preference), dpo, sppo, rebel",
+        help="Prox loss overriding the preset: ipo (the exact prox step for any preference), dpo (the prox of a "
+        "Bradley-Terry reward), sppo (approximate: assumes a zero log-partition), rebel (exact)",
     )
     g.add_argument(
         "--comal.ref_weight",
@@ -80,14 +82,16 @@ def add_comal_args(parser):
         "--comal.iterations",
         type=int,
         default=None,
-        help="Number of iterations (default: the number of files in --comal.pairs_dir, else 24)",
+        help="Number of iterations (default: the number of files in --comal.pairs_dir, 1 for --data.dataset pairs, "
+        "else 24)",
     )
     g.add_argument(
         "--comal.beta_schedule",
         type=str,
         default=None,
-        help="Beta per round, comma separated (e.g. 0.002,0.1); the last value holds for later rounds. "
-        "Default: --model.beta in every round",
+        help="Beta per round of --comal.round_length iterations, comma separated (e.g. 0.002,0.1 as the paper's "
+        "Llama-3 recipe); the last value holds for later rounds; a schedule with more betas than rounds is refused. "
+        "Default: --model.beta (the preset's when not given) in every round",
     )
     g.add_argument(
         "--comal.source",
@@ -117,7 +121,43 @@ def add_comal_args(parser):
         type=float,
         default=0.0,
         help="Weight of a term keeping the policy's total mass on each prompt's sampled responses equal to mu_k's "
-        "(the prox step only reweights within them); 0 = off, as in the official code",
+        "(not in the paper: the prox step only reweights within them, but the pair losses see only differences, so "
+        "Adam can leak mass to never-sampled outputs; the CPU demo sets 1.0); 0 = off, as in the official code",
+    )
+    g.add_argument(
+        "--comal.round_length",
+        type=int,
+        default=None,
+        help="Iterations per beta round of --comal.beta_schedule (default: K, --comal.ref_update_interval, when the "
+        "anchor advances; else all iterations form one round)",
+    )
+    g.add_argument(
+        "--comal.keep_optimizer_state",
+        action="store_true",
+        default=False,
+        help="Carry Adam's moments from one iteration to the next (default: a fresh optimizer state per iteration, "
+        "as the official pipeline: each iteration is its own prox problem)",
+    )
+    g.add_argument(
+        "--comal.keep_best",
+        action="store_true",
+        default=False,
+        help="With --eval.dataset: at the end of each round the policy returns to the round's iterate with the "
+        "lowest held-out prox loss (the official pipeline kept its best checkpoint)",
+    )
+    g.add_argument(
+        "--comal.accept_plan_change",
+        action="store_true",
+        default=False,
+        help="With --ckpt.load_enable: continue a checkpoint written with other COMAL settings (the change is "
+        "recorded in the history); without it such a resume is refused, naming each differing setting",
+    )
+    g.add_argument(
+        "--comal.overwrite",
+        action="store_true",
+        default=False,
+        help="Start a fresh run even where --ckpt.path / --ckpt.output_dir hold an earlier run: its history, "
+        "checkpoints and COMAL state are moved aside (renamed *.old-TIME), not deleted",
     )
     g.add_argument(
         "--comal.no_iteration_ckpt",
@@ -133,6 +173,7 @@ def build_parser():
     namespace = {"argparse": argparse, "datetime": datetime, "__name__": "train_comal"}
     _run(build, namespace, origin)
     parser = namespace["parser"]
+    cpu_runtime.allow_fp32(parser)  # --ds.param_dtype also takes fp32 (default kept: bf16)
     parser.prog = "python -m openrlhf.cli.train_comal"
     parser.description = (
         "COMAL (convergent meta-algorithm for general preferences) on OpenRLHF. Accepts every flag of "
@@ -140,77 +181,195 @@ def build_parser():
     )
     parser.set_defaults(**{"logger.wandb.project": "openrlhf_train_comal", "ckpt.path": "./ckpt/checkpoints_comal"})
     add_comal_args(parser)
-    try:  # the online source's groups (issue "Online COMAL")
-        from comal_openrlhf.online import add_online_args
-
-        add_online_args(parser)
-    except ImportError:
-        pass
+    add_online_args(parser)
     return parser
+
+
+_UNSET = object()
+
+
+def explicit_dests(parser, argv):
+    """The flags (dotted dests) given on the command line: a second parse with every default set to a sentinel."""
+    saved = {a.dest: a.default for a in parser._actions}
+    try:
+        for a in parser._actions:
+            if a.dest != "help":
+                a.default = _UNSET
+        ns = parser.parse_args(argv)
+    finally:
+        for a in parser._actions:
+            a.default = saved[a.dest]
+    return {k for k, v in vars(ns).items() if v is not _UNSET}
 
 
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = explicit_dests(parser, argv)
     _build, post, origin = _train_dpo_main()
     namespace = {"args": args, "__name__": "train_comal"}
     _run(post, namespace, origin)  # train_dpo's own post-processing (hierarchize, ref path default, checks)
-    return namespace["args"]
+    args = namespace["args"]
+    args.given = given
+    return args
 
 
-def make_source(args, strategy, tokenizer, plan_prox):
-    from comal_openrlhf.data import OfflineSource, RowFormatter, StaticSource
-    from comal_openrlhf.losses import NEEDS_WIN_RATES
+def resolve(args, source_iterations):
+    """The run's Plan and the provenance of each setting (flag, preset, source, OpenRLHF default)."""
+    given = args.given
+    rollout = getattr(args, "rollout", None)
+    return resolve_plan(
+        algo=args.comal.algo,
+        prox=args.comal.prox,
+        ref_weight=args.comal.ref_weight,
+        ref_update_interval=args.comal.ref_update_interval,
+        iterations=args.comal.iterations,
+        beta=args.model.beta if "model.beta" in given else None,
+        beta_schedule=args.comal.beta_schedule,
+        ipo_enable=args.model.ipo_enable,
+        default_iterations=source_iterations,
+        round_length=args.comal.round_length,
+        pair_rule=getattr(rollout, "pair_rule", None),
+        openrlhf_beta=args.model.beta,
+    )
 
+
+def source_kind(args):
     kind = args.comal.source
     if kind == "auto":
-        kind = (
-            "offline"
-            if args.comal.pairs_dir
-            else ("online" if getattr(getattr(args, "judge", None), "kind", None) else "static")
-        )
-    if kind == "online":
-        from comal_openrlhf.online import OnlineSource
+        if args.comal.pairs_dir:
+            return "offline"
+        return "online" if getattr(args.judge, "kind", None) else "static"
+    return kind
 
-        return OnlineSource(args, strategy, tokenizer)
-    formatter = RowFormatter(args.data, tokenizer, args.data.max_len, need_winrates=plan_prox in NEEDS_WIN_RATES)
+
+def make_source(args, strategy, tokenizer, plan):
+    """The iteration source named by --comal.source (or picked from the flags given)."""
+    kind = source_kind(args)
+    if kind == "online":
+        return OnlineSource(args, strategy, tokenizer, plan.pair_rule)
+    formatter = RowFormatter(args.data, tokenizer, args.data.max_len, need_winrates=plan.prox in NEEDS_WIN_RATES)
     if kind == "offline":
         if not args.comal.pairs_dir:
-            raise SystemExit("[comal] --comal.source offline needs --comal.pairs_dir")
+            raise BadInputError("--comal.source offline needs --comal.pairs_dir")
         return OfflineSource(args.comal.pairs_dir, formatter)
     if not args.data.dataset:
-        raise SystemExit("[comal] no pairs: give --comal.pairs_dir (offline), --data.dataset (static) or --judge.kind")
+        raise BadInputError("no pairs: give --comal.pairs_dir (offline), --data.dataset (static) or --judge.kind")
     return StaticSource(args, strategy, formatter)
 
 
-def make_eval_dataset(args, strategy, tokenizer, prox):
-    """``--eval.dataset`` (split ``--eval.split``) as a PairDataset, validated like the training pairs."""
+def load_eval_pairs(args, strategy, tokenizer, prox):
+    """``--eval.dataset`` (split ``--eval.split``) as pairs, validated like the training pairs."""
     from openrlhf.datasets.utils import blending_datasets
-
-    from comal_openrlhf.data import PairDataset, RowFormatter, SkipLog
-    from comal_openrlhf.losses import NEEDS_WIN_RATES
 
     data = blending_datasets(args.eval.dataset, None, strategy, dataset_split=args.eval.split)
     formatter = RowFormatter(args.data, tokenizer, args.data.max_len, need_winrates=prox in NEEDS_WIN_RATES)
     skips = SkipLog()
-    rows = [r for r in (formatter(row, f"{args.eval.dataset}:row {i}", skips) for i, row in enumerate(data)) if r]
+    pairs = [p for p in (formatter(row, f"{args.eval.dataset}:row {i}", skips) for i, row in enumerate(data)) if p]
     if skips.total():
         strategy.print(f"[comal] eval pairs skipped: {skips.summary()}")
-    if not rows:
-        raise SystemExit(f"[comal] --eval.dataset {args.eval.dataset}: no usable pairs")
-    return PairDataset(rows, tokenizer, args.data.max_len)
+    if not pairs:
+        raise BadInputError(f"--eval.dataset {args.eval.dataset}: no usable pairs")
+    return pairs
+
+
+# OpenRLHF flag -> the official COMAL pipeline's value (its train_dpo-style launch for each iteration)
+OFFICIAL_TRAINING = {
+    "train.max_epochs": 3,
+    "train.batch_size": 32,
+    "adam.lr": 5e-7,
+    "lr_warmup_ratio": 0.1,
+    "lr_scheduler": "linear",
+    "adam.betas": (0.9, 0.999),
+    "max_norm": 0.0,
+}
+
+
+def settings_table(args, plan, provenance, source):
+    """The effective algorithm settings with the source of each, and the training settings beside the official
+    recipe's values (where they differ a ``*`` marks the row)."""
+    rows = [
+        ("algo", plan.algo, provenance["algo"]),
+        ("prox loss", plan.prox, provenance["prox"]),
+        ("r = eta * tau (anchor weight)", f"{plan.ref_weight:.4g}", provenance["ref_weight"]),
+        ("K (anchor advance every)", plan.ref_update_interval or "never", provenance["ref_update_interval"]),
+        ("iterations", plan.iterations, provenance["iterations"]),
+        ("beta per round", ",".join(f"{b:g}" for b in plan.betas), provenance["beta"]),
+        ("round length", plan.round_length, provenance["round_length"]),
+        ("source", source.describe(), "flag" if "comal.source" in args.given else "default (from the flags)"),
+    ]
+    if isinstance(source, OnlineSource):
+        rows.append(("pair rule", plan.pair_rule, provenance["pair_rule"]))
+    lines = ["| setting | value | from |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines += ["", "| training flag | value | from | official COMAL |", "|---|---|---|---|"]
+    for flag, official in OFFICIAL_TRAINING.items():
+        node = args
+        for part in flag.split("."):
+            node = getattr(node, part)
+        value = tuple(node) if isinstance(node, list) else node
+        mark = "" if value == official else " *"
+        where = "flag" if flag in args.given else "OpenRLHF default"
+        lines.append(f"| --{flag} | {value}{mark} | {where} | {official} |")
+    return "\n".join(lines)
+
+
+def check_settings(args, plan, strategy):
+    """Combinations that cannot work are errors; meaningful ones where one setting wins get a logged warning."""
+    if args.ds.ring_attn_size > 1:
+        raise PlanError("ring attention (--ds.ring_attn_size > 1) is not supported by train_comal yet")
+    if args.model.aux_loss_coef > 0:
+        raise PlanError("--model.aux_loss_coef (MoE balancing loss) is not supported by train_comal yet")
+    if plan.ref_update_interval > 0 and args.ds.lora.rank > 0:
+        raise PlanError("reference advances copy full weights; LoRA (--ds.lora.rank > 0) is not supported")
+    if args.comal.keep_best and not getattr(args.eval, "dataset", None):
+        raise PlanError("--comal.keep_best picks iterates by their held-out loss: it needs --eval.dataset")
+    if args.model.label_smoothing > 0 and plan.prox != "dpo":
+        strategy.print(
+            f"[comal] warning: --model.label_smoothing {args.model.label_smoothing} has no effect on the "
+            f"{plan.prox} loss (only dpo smooths hard labels, as in OpenRLHF's DPOLoss)"
+        )
+    if source_kind(args) != "online" and "rollout.pair_rule" in args.given:
+        strategy.print("[comal] warning: --rollout.pair_rule applies to the online source only; ignored")
 
 
 def train(args):
-    from openrlhf.models import Actor
-    from openrlhf.utils import get_strategy, get_tokenizer
-
-    from comal_openrlhf.data import DataError
-    from comal_openrlhf.schedule import resolve_plan
-    from comal_openrlhf.trainer import COMALTrainer, NonFiniteLossError
+    from openrlhf.utils import get_strategy
 
     strategy = get_strategy(args)
     strategy.setup_distributed()
+    run_dir = RunDirectory(args.ckpt.path, args.ckpt.output_dir, is_rank_0=strategy.is_rank_0())
+    on_all_ranks(lambda: run_dir.lock(say=strategy.print), strategy)  # a second run on the same directories is refused
+    try:
+        _train(args, strategy, run_dir)
+    finally:
+        run_dir.unlock()
+
+
+def on_all_ranks(fn, strategy):
+    """Run ``fn`` on rank 0 and raise its COMALError on every rank (so every rank exits with the message)."""
+    import torch.distributed as dist
+
+    error = None
+    if strategy.is_rank_0():
+        try:
+            fn()
+        except COMALError as e:
+            error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+
+
+def _train(args, strategy, run_dir):
+    # openrlhf.models (and so the trainer) imports flash_attn at import time: on a CPU-only machine the CPU runtime
+    # (applied by main) must come first, so these imports stay here rather than at the top of the module
+    from openrlhf.models import Actor
+    from openrlhf.utils import get_tokenizer
+
+    from comal_openrlhf.trainer import COMALTrainer, TrainerSettings, eval_record
 
     model = Actor(
         args.model.model_name_or_path,
@@ -252,35 +411,19 @@ def train(args):
             gradient_checkpointing_kwargs={"use_reentrant": args.model.gradient_checkpointing_reentrant}
         )
 
-    try:
-        plan = resolve_plan(
-            args.comal.algo,
-            args.comal.prox,
-            args.comal.ref_weight,
-            args.comal.ref_update_interval,
-            args.comal.iterations,
-            args.model.beta,
-            args.comal.beta_schedule,
-            args.model.ipo_enable,
-        )
-        source = make_source(args, strategy, tokenizer, plan.prox)
-        if args.comal.iterations is None and source.num_iterations is not None:
-            plan.iterations = source.num_iterations  # one iteration per file of the offline source
-    except (ValueError, DataError) as e:
-        raise SystemExit(f"[comal] {e}") from None
-    if args.ds.ring_attn_size > 1:
-        raise SystemExit("[comal] ring attention (--ds.ring_attn_size > 1) is not supported by train_comal yet")
-    if args.model.aux_loss_coef > 0:
-        raise SystemExit("[comal] --model.aux_loss_coef (MoE balancing loss) is not supported by train_comal yet")
+    # the whole plan is resolved and validated before the first step
+    fixed = 1 if source_kind(args) == "static" else None
+    if source_kind(args) == "offline" and args.comal.pairs_dir and os.path.isdir(args.comal.pairs_dir):
+        fixed = len([f for f in os.listdir(args.comal.pairs_dir) if OfflineSource.PATTERN.match(f)]) or None
+    plan, provenance = resolve(args, fixed)
+    check_settings(args, plan, strategy)
+    source = make_source(args, strategy, tokenizer, plan)
+    source.validate(plan.iterations)
     eval_dataset = None
-    if getattr(args.eval, "dataset", None):
-        eval_dataset = make_eval_dataset(args, strategy, tokenizer, plan.prox)
-    if plan.ref_update_interval > 0 and args.ds.lora.rank > 0:
-        raise SystemExit("[comal] reference advances copy full weights; LoRA (--ds.lora.rank > 0) is not supported")
-    if args.comal.algo is None:
-        strategy.print(f"[comal] no --comal.algo given: running {plan.algo} (pass --comal.algo comal for COMAL)")
-    strategy.print(f"[comal] plan: {plan.as_dict()}")
-    kernel = args.comal.logps_kernel
+    if args.eval.dataset:
+        eval_pairs = load_eval_pairs(args, strategy, tokenizer, plan.prox)
+        eval_dataset = (PairDataset(eval_pairs, tokenizer, args.data.max_len), eval_record(eval_pairs))
+    strategy.print("[comal] effective settings:\n" + settings_table(args, plan, provenance, source))
 
     sched = dict(lr_scheduler=args.lr_scheduler, lr_warmup_ratio=args.lr_warmup_ratio, min_lr_ratio=args.min_lr_ratio)
     cfg = dict(
@@ -293,6 +436,15 @@ def train(args):
     )
     (model, optim, scheduler), ref_model = strategy.prepare((model, cfg), ref_model)
 
+    rollout = getattr(args, "rollout", None)
+    settings = TrainerSettings(
+        logps_kernel=args.comal.logps_kernel,
+        iteration_ckpt=not args.comal.no_iteration_ckpt,
+        policy_weighting=getattr(rollout, "pair_weighting", "count") == "policy",
+        mass_coef=args.comal.mass_coef,
+        keep_optimizer_state=args.comal.keep_optimizer_state,
+        keep_best=args.comal.keep_best,
+    )
     trainer = COMALTrainer(
         model=model,
         ref_model=ref_model,
@@ -303,35 +455,34 @@ def train(args):
         source=source,
         plan=plan,
         scheduler_cfg=sched,
+        settings=settings,
         max_norm=args.max_norm,
         max_epochs=args.train.max_epochs,
         save_hf_ckpt=args.ckpt.save_hf,
         disable_ds_ckpt=args.ckpt.disable_ds,
-        logps_kernel=kernel,
-        iteration_ckpt=not args.comal.no_iteration_ckpt,
-        mass_coef=args.comal.mass_coef,
         eval_dataset=eval_dataset,
-        policy_weighting=getattr(getattr(args, "rollout", None), "pair_weighting", "count") == "policy",
     )
+    resumed = False
     if args.ckpt.load_enable and os.path.exists(args.ckpt.path):
         load_path, states = strategy.load_ckpt(model.model, args.ckpt.path)
         if load_path is not None:
-            trainer.restore(states)
+            trainer.restore(states, accept_plan_change=args.comal.accept_plan_change)
+            resumed = True
+    if not resumed:  # a fresh run must not write into an earlier run's history and checkpoints
+        on_all_ranks(lambda: run_dir.prepare_fresh(overwrite=args.comal.overwrite, say=strategy.print), strategy)
     os.makedirs(args.ckpt.output_dir, exist_ok=True)
-    try:
-        trainer.fit()
-    except DataError as e:
-        raise SystemExit(f"[comal] {e}") from None
-    except NonFiniteLossError as e:
-        raise SystemExit(str(e)) from None
+    trainer.fit()
     strategy.save_model(model, tokenizer, args.ckpt.output_dir)
 
 
 def main(argv=None):
-    from comal_openrlhf import cpu_runtime
-
     cpu_runtime.apply()
-    train(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        train(args)
+    except COMALError as e:  # every rank raises the same typed error: one clear message and exit 2 on each
+        print(f"[comal] error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
