@@ -1,16 +1,26 @@
 """Sequence log-probabilities: the one function through which every log-prob of the trainer flows.
 
-log pi(y|x) = sum over response tokens t of log softmax(z_t)[y_t] (COMAL.md section 4), prompt and padding masked
-out exactly as OpenRLHF's ``DPOTrainer._get_batch_logps`` does. Kernels:
+log pi(y|x) = sum over response tokens t of log softmax(z_t)[y_t] (the sequence log-likelihood of the policy in
+arXiv 2410.23223, section 2), prompt and padding masked out exactly as OpenRLHF's ``DPOTrainer._get_batch_logps``
+(openrlhf/trainer/dpo_trainer.py) does. Kernels:
 
 - ``openrlhf``: ``Actor.forward(return_logprobs=True)``, OpenRLHF's own path (fp32 copy of all logits).
 - ``torch`` / ``triton``: the model's bf16 logits go to ``comal_openrlhf.kernels.sequence_logps`` (chunked PyTorch
   or the fused Triton kernel), no fp32 copy of the logits. ``auto`` = triton on CUDA, torch on CPU.
+- ``linear``: the model's backbone runs to the last hidden state and ``comal_openrlhf.kernels.linear_sequence_logps``
+  computes the log-probs from it and the LM head's weight in token chunks, so the B x L x V logits of the micro-batch
+  (the largest tensor of a step at a 128k vocabulary) never exist. Tied embeddings need nothing special (the head's
+  weight is the embedding's parameter and receives both gradients); a ZeRO-3 partitioned head is gathered around
+  each use (forward and backward) with ``deepspeed.zero.GatheredParameters``.
 """
+
+import contextlib
 
 import torch
 
-LOGPS_KERNELS = ("auto", "triton", "torch", "openrlhf")
+from comal_openrlhf.errors import PlanError
+
+LOGPS_KERNELS = ("auto", "triton", "torch", "linear", "openrlhf")
 
 
 def response_mask(attention_mask, prompt_lens):
@@ -32,9 +42,51 @@ def sequence_logps(actor, input_ids, attention_mask, prompt_lens, kernel="openrl
 
     position_ids = attention_mask.long().cumsum(-1) - 1
     position_ids.masked_fill_(attention_mask == 0, 1)
-    logits = actor.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)["logits"]
     temperature = getattr(actor, "temperature", 1.0)
+    if kernel == "linear":
+        return _linear_logps(actor.model, input_ids, attention_mask, position_ids, mask, temperature)
+    logits = actor.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)["logits"]
     return fused(logits[:, :-1], input_ids[:, 1:], mask, temperature=temperature, backend=kernel)
+
+
+def lm_head_parts(model):
+    """(backbone, head) of a Hugging Face causal LM whose logits are exactly head(backbone(...)[0])."""
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is None or head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise PlanError(
+            f"--comal.logps_kernel linear needs a causal LM with a backbone and a linear LM head; "
+            f"{type(model).__name__} has none (use --comal.logps_kernel auto)"
+        )
+    config = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            raise PlanError(
+                f"--comal.logps_kernel linear: {type(model).__name__} transforms its logits ({attr}="
+                f"{getattr(config, attr)}), which the fused LM-head kernel does not; use --comal.logps_kernel auto"
+            )
+    return backbone, head
+
+
+def _linear_logps(model, input_ids, attention_mask, position_ids, mask, temperature):
+    from comal_openrlhf.kernels import linear_sequence_logps
+
+    backbone, head = lm_head_parts(model)
+    out = backbone(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+    weight, bias = head.weight, head.bias if isinstance(getattr(head, "bias", None), torch.Tensor) else None
+    gather = contextlib.nullcontext
+    if hasattr(weight, "ds_id"):  # ZeRO-3: partitioned across ranks, gathered around each use
+        import deepspeed
+
+        params = [weight] + ([bias] if bias is not None else [])
+
+        def gather():
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    return linear_sequence_logps(
+        hidden[:, :-1], weight, input_ids[:, 1:], mask, bias=bias, temperature=temperature, gather=gather
+    )
 
 
 def pad_cat(a, b, value):

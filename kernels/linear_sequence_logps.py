@@ -110,19 +110,20 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
         active = mask.nonzero().squeeze(1)  # one device sync: the GEMMs skip prompt and padding rows
         with gather():
             logp, lse = _forward(hidden, weight, bias, labels, mask, temperature, backend, active)
-        ctx.save_for_backward(hidden, bias, labels, mask, lse, active)
-        # The weight is kept as an attribute, not a saved tensor: a gathered ZeRO-3 weight's storage is released
-        # when the gather ends and is gathered again in the backward.
-        ctx.weight = weight
+        ctx.save_for_backward(hidden, labels, mask, lse, active)
+        # Weight and bias are kept as attributes, not saved tensors: a gathered ZeRO-3 parameter's storage is
+        # released when the gather ends and is gathered again in the backward.
+        ctx.weight, ctx.bias = weight, bias
         ctx.temperature, ctx.backend, ctx.gather = temperature, backend, gather
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
-        hidden, bias, labels, mask, lse, active = ctx.saved_tensors
+        hidden, labels, mask, lse, active = ctx.saved_tensors
         g = (grad_logp.float() * mask).contiguous()
+        weight, bias = ctx.weight, ctx.bias
         with ctx.gather():
-            dh, dw, db = _backward(hidden, ctx.weight, bias, labels, lse, g, ctx.temperature, ctx.backend, active)
+            dh, dw, db = _backward(hidden, weight, bias, labels, lse, g, ctx.temperature, ctx.backend, active)
         db = db.to(bias.dtype) if db is not None else None
         return dh.to(hidden.dtype), dw, db, None, None, None, None, None
 
