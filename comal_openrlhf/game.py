@@ -1,41 +1,65 @@
-"""Tabular game lab for COMAL (Liu et al., arXiv 2410.23223; shared/spec/COMAL.md sections 1-4).
+"""Tabular game lab for COMAL (Liu et al., arXiv 2410.23223: the synthetic game and the prox update).
 
 One prompt, n responses, a preference matrix P[i][j] = P(i beats j) with P + P^T = 1. Every algorithm is the
-inner step of the KL-regularised game (COMAL.md section 2, the paper's prox / mirror-descent update)
+inner step of the KL-regularised game (the paper's prox / mirror-descent update)
 
     mu_{k+1}(y)  ~  mu_k(y)^(1 - eta*tau) * ref(y)^(eta*tau) * exp(eta * P(y > opponent))
 
 and they differ only in tau, the reference and the opponent:
 
-    mwu      tau = 0 (iterative DPO/IPO/SPPO self-play); opponent mu_k. Cycles, no last-iterate convergence.
+    mwu      tau = 0: self-play multiplicative weights on the win rate; opponent mu_k. This is iterative IPO (the
+             ipo loss with the previous iterate as reference solves this step exactly) and, approximately,
+             SPPO. It is NOT iterative DPO: DPO's step is multiplicative weights on the Bradley-Terry reward
+             (``--mode loss --prox dpo`` runs it; on the paper's game comal with the dpo prox ends at gap
+             DPO_GAP_UNIFORM from uniform). Cycles, no last-iterate convergence.
     inpo     ref = start policy forever; opponent mu_k. Converges to the regularised Nash: constant gap.
     comal    ref <- current iterate every K steps (conceptual prox method); opponent mu_k. Gap -> 0.
-    nash-md  Nash-MD (Munos et al. 2023): ref = start policy forever, and the opponent is the geometric mixture
-             m_k ~ mu_k^(1 - eta*tau) ref^(eta*tau), which is also the prox centre, so
+    nash-md  Nash-MD (Munos et al., arXiv 2312.00886): ref = start policy forever, and the opponent is the geometric
+             mixture m_k ~ mu_k^(1 - eta*tau) ref^(eta*tau), which is also the prox centre, so
              mu_{k+1} ~ m_k exp(eta * P(y > m_k)). Regularised like INPO: constant gap.
 
 ``--mode closed-form`` applies the formula (in log space). ``--mode loss`` solves each step by minimising the
-project's prox loss (comal_openrlhf.losses, ``--prox``) over a softmax policy, with the exact expectation over
-pairs y, y' ~ opponent, soft labels P[y][y'] and win rates P(y > opponent), beta = 1/eta and r = eta*tau: the
-tabular check that a loss implements the step (COMAL.md section 4).
+project's prox loss (comal_openrlhf.losses, ``--prox``) over a softmax policy, beta = 1/eta and r = eta*tau: the
+tabular check that a loss implements the step. Its pairs (``--pairs``):
+
+    exact       the exact expectation over y, y' ~ opponent x opponent, soft labels P[y][y'], win rates
+                P(y > opponent): the distribution the prox loss is derived for.
+    top2 | best_worst | sampled | all_soft
+                the trainer's pair rules (comal_openrlhf.pairs.build_pairs with a TableJudge over P): each step
+                minimises the loss EXPECTED over sample sets of ``--samples`` responses drawn from the opponent,
+                exactly over every multiset with its multinomial probability (3 responses x 5 samples: 21 sets;
+                ``sampled``'s draw and label by their exact law) or, past MAX_EXACT_SETS multisets, by Monte Carlo
+                with the per-step standard error reported. The weights are normalised by the step's total (the
+                iteration's total weight, a constant). sampled and all_soft reproduce the exact step; top2 and
+                best_worst move the fixed point away from the Nash (``RulePairs.flow`` measures the pull).
 
     python -m comal_openrlhf.game                                   # COMAL on the paper's 3-response game
     python -m comal_openrlhf.game --algo inpo --init 0.6,0.3,0.1 --json
     python -m comal_openrlhf.game --mode loss --prox rebel --iters 1000
+    python -m comal_openrlhf.game --pairs top2 --samples 5 --ref-every 50 --iters 600   # loss mode implied
     python -m comal_openrlhf.game --matrix my_game.json --plot gap.png
 """
 
 import argparse
+import itertools
 import json
+import math
 import os
 import sys
 import time
 
 import numpy as np
 from scipy.optimize import linprog
+from scipy.special import gammaln
+
+from comal_openrlhf.judges.table import TableJudge
+from comal_openrlhf.pairs import RULES, build_pairs, sampled_law
 
 ALGOS = ("mwu", "inpo", "comal", "nash-md")
 MODES = ("closed-form", "loss")
+PAIR_RULES = ("exact",) + RULES
+MAX_EXACT_SETS = 5000  # above this many multisets a rule's expectation is taken by Monte Carlo
+MC_SETS = 2000  # sample sets per step in Monte Carlo
 
 
 class MatrixError(ValueError):
@@ -43,7 +67,7 @@ class MatrixError(ValueError):
 
 
 def paper_game():
-    """The paper's synthetic game (COMAL.md section 3): P(b>a) = 0.9, P(c>b) = 0.9, P(a>c) = 0.8."""
+    """The paper's synthetic game (arXiv 2410.23223): P(b>a) = 0.9, P(c>b) = 0.9, P(a>c) = 0.8."""
     P = np.array([[0.5, 0.1, 0.8], [0.9, 0.5, 0.1], [0.2, 0.9, 0.5]])
     return P, ["a", "b", "c"]
 
@@ -104,7 +128,7 @@ def solve_nash(P):
 
 
 def duality_gap(P, p):
-    """2 max_i (P p)_i - 1: zero exactly at a Nash (COMAL.md section 1)."""
+    """2 max_i (P p)_i - 1: zero exactly at a Nash (the exploitability of p)."""
     return float(2 * np.max(P @ p) - 1)
 
 
@@ -123,32 +147,56 @@ def _normalise_log(x):
     return x - np.log(s), e / s
 
 
-def loss_step(P, log_mu, log_ref, eta, tau, prox="ipo", opponent=None):
+def exact_pairs(P, s):
+    """The exact expectation over ordered pairs y, y' ~ s x s (rule ``exact``): every ordered pair (i, j) with weight
+    s(i) s(j), soft label P[i][j] and the exact win rates (P s)_y. Returns the pair table (dict of arrays)."""
+    n = len(P)
+    i, j = (a.ravel() for a in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
+    wins = P @ s
+    return {"i": i, "j": j, "wi": wins[i], "wj": wins[j], "soft": P[i, j], "weight": s[i] * s[j]}
+
+
+def loss_step(P, log_mu, log_ref, eta, tau, prox="ipo", opponent=None, pairs=None):
     """One inner step by minimising the prox loss ``prox`` over a softmax policy; returns log mu_{k+1}.
 
-    Exact expectation over all ordered pairs (y, y') with weight s(y) s(y'), s = opponent (default mu): soft
-    label P[y][y'] and win rates (P s)_y. beta = 1/eta, r = eta*tau. Solved with L-BFGS in float64 from the prox
-    centre; the ipo and rebel objectives are quadratic in the logits, dpo is convex, sppo is smooth.
+    ``pairs`` is a weighted pair table (``exact_pairs``, ``RulePairs.expected``); default: the exact expectation
+    over all ordered pairs (y, y') with weight s(y) s(y'), s = ``opponent`` (default mu). beta = 1/eta,
+    r = eta*tau. The table's weights are scaled to sum 1 (the iteration's total weight: a constant, so the
+    minimiser does not change). Solved with L-BFGS in float64 from the prox centre; the ipo and rebel objectives
+    are quadratic in the logits, dpo is convex, sppo is smooth.
+    """
+    if pairs is None:
+        pairs = exact_pairs(P, np.exp(log_mu) if opponent is None else opponent)
+    return _solve(log_mu, log_ref, eta, tau, prox, pairs)[0]
+
+
+def _solve(log_mu, log_ref, eta, tau, prox, table, set_of_pair=None, set_counts=None):
+    """Minimise the weighted prox loss of ``table`` (weights scaled to sum 1) -> (log policy, stderr or None).
+
+    With ``set_of_pair`` (the distinct Monte Carlo sample set of each pair) and ``set_counts`` (how many of the M
+    draws gave each distinct set) it also returns the largest delta-method standard error of the returned
+    log-probabilities: per-set gradients g_s at the solution, Cov(theta) = H^+ Cov(g_s) H^+ / M, mapped through the
+    log-softmax (first order; the normaliser's own noise is left out).
     """
     import torch
 
     from comal_openrlhf.losses import ProxLoss
     from comal_openrlhf.record import PairBatch
 
-    n = len(P)
-    s = np.exp(log_mu) if opponent is None else opponent
-    i, j = (a.ravel() for a in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)
-    log_mu_t, log_ref_t, wins = t(log_mu), t(log_ref), t(P @ s)
+    i, j = torch.as_tensor(table["i"], dtype=torch.long), torch.as_tensor(table["j"], dtype=torch.long)
+    weight = np.asarray(table["weight"], dtype=np.float64)
+    total = weight.sum()
+    log_mu_t, log_ref_t = t(log_mu), t(log_ref)
     pairs = PairBatch(
         logp_mu_chosen=log_mu_t[i],
         logp_mu_rejected=log_mu_t[j],
         logp_ref_chosen=log_ref_t[i],
         logp_ref_rejected=log_ref_t[j],
-        chosen_winrate=wins[i],
-        rejected_winrate=wins[j],
-        soft_label=t(P[i, j]),
-        weight=t(s[i] * s[j]),  # the exact expectation over ordered pairs y, y' ~ s (weights sum to 1)
+        chosen_winrate=t(table["wi"]),
+        rejected_winrate=t(table["wj"]),
+        soft_label=t(table["soft"]),
+        weight=t(weight / total if total > 0 else weight),
     )
     loss_fn = ProxLoss(prox, beta=1 / eta, ref_weight=eta * tau)
     theta = ((1 - eta * tau) * log_mu_t + eta * tau * log_ref_t).clone().requires_grad_(True)
@@ -156,15 +204,178 @@ def loss_step(P, log_mu, log_ref, eta, tau, prox="ipo", opponent=None):
         [theta], lr=1, max_iter=200, tolerance_grad=1e-13, tolerance_change=0.0, line_search_fn="strong_wolfe"
     )
 
+    def objective(th):
+        logp = torch.log_softmax(th, 0)
+        return loss_fn(logp[i], logp[j], pairs, reduction_size=1)[0]
+
     def closure():
         opt.zero_grad()
-        logp = torch.log_softmax(theta, 0)
-        loss = loss_fn(logp[i], logp[j], pairs, reduction_size=1)[0]
+        loss = objective(theta)
         loss.backward()
         return loss
 
-    opt.step(closure)
-    return torch.log_softmax(theta.detach(), 0).numpy()
+    if len(weight):
+        opt.step(closure)
+    theta = theta.detach()
+    logp = torch.log_softmax(theta, 0)
+    if set_of_pair is None or set_counts.sum() < 2:
+        return logp.numpy(), None
+    # per-pair gradients with respect to the two log-probs (each pair's term depends on its own only), then to theta
+    lw, ll = logp[i].clone().requires_grad_(True), logp[j].clone().requires_grad_(True)
+    loss_fn(lw, ll, pairs, reduction_size=1)[0].backward()
+    p = logp.exp()
+    eye = torch.eye(len(p), dtype=torch.float64)
+    per_pair = lw.grad[:, None] * (eye[i] - p) + ll.grad[:, None] * (eye[j] - p)
+    m = torch.as_tensor(set_counts, dtype=torch.float64)
+    M = m.sum()
+    per_set = torch.zeros(len(m), len(p), dtype=torch.float64).index_add_(0, torch.as_tensor(set_of_pair), per_pair)
+    per_set = per_set * (M / m)[:, None]  # a set's pairs carry weight m_s / M: g_s is one draw's gradient
+    centred = per_set - (m[:, None] * per_set).sum(0) / M
+    cov_g = (m[:, None, None] * centred[:, :, None] * centred[:, None, :]).sum(0) / (M - 1) / M
+    H = torch.autograd.functional.hessian(objective, theta)
+    Hp = torch.linalg.pinv(H, hermitian=True)
+    J = eye - p[None, :]  # d log softmax / d theta
+    cov = J @ Hp @ cov_g @ Hp @ J.T
+    return logp.numpy(), float(torch.sqrt(torch.clamp(torch.diagonal(cov), min=0)).max())
+
+
+def sample_sets(n, N):
+    """Every multiset of N samples over n responses, as count vectors in lexicographic order
+    (C(N + n - 1, n - 1) of them: 21 for 3 responses and 5 samples)."""
+    out = []
+    for bars in itertools.combinations(range(N + n - 1), n - 1):
+        edges = (-1,) + bars + (N + n - 1,)
+        out.append(tuple(edges[k + 1] - edges[k] - 1 for k in range(n)))
+    return out
+
+
+def _log_multinomial(counts, log_s):
+    """log P(sample set with these counts) for N i.i.d. draws from s; counts is [sets, n]."""
+    counts = np.asarray(counts, dtype=np.float64)
+    coef = gammaln(counts.sum(1) + 1) - gammaln(counts + 1).sum(1)
+    return coef + (counts * np.where(counts > 0, log_s, 0.0)).sum(1)
+
+
+class RulePairs:
+    """The pairs a rule builds from one sample set of the game, by ``comal_openrlhf.pairs.build_pairs`` with a
+    TableJudge over P (one source of truth for the rules), cached per multiset of counts.
+
+    A sample set is N responses; its pairs depend on the order of the samples only through ties in win rate (top2
+    and best_worst keep the first appearance), so a multiset with tied win rates is expanded over every order of
+    first appearance of its distinct responses, each with its probability under a uniformly random order of the
+    samples (the size-biased order: the next new response is u with probability c_u / (remaining samples)).
+    ``sampled`` is not drawn: its exact law (``pairs.sampled_law``: every ordered pair with its probability and
+    a hard label) replaces the draw, so the expectation over the draw and the judge's label is exact.
+    """
+
+    def __init__(self, P, rule, samples):
+        if rule not in RULES:
+            raise ValueError(f"unknown pair rule {rule!r}; choose one of {', '.join(PAIR_RULES)}")
+        if not (isinstance(samples, int) and samples >= 2):
+            raise ValueError(f"--samples must be an integer >= 2 (pairs need two samples), got {samples!r}")
+        self.P, self.rule, self.samples = np.asarray(P, dtype=float), rule, samples
+        self.labels = [f"y{k}" for k in range(len(self.P))]
+        self.index = {lab: k for k, lab in enumerate(self.labels)}
+        self.judge = TableJudge(self.P, self.labels, name="game")
+        self.cache = {}
+
+    def _build(self, sequence, rule=None):
+        """build_pairs on one sample set (response indices in sample order) -> rows."""
+        responses = [self.labels[k] for k in sequence]
+        pairs, _ = build_pairs([("x", responses)], self.judge, rule or self.rule, both_orders=False)
+        return [
+            (
+                self.index[p.chosen],
+                self.index[p.rejected],
+                p.chosen_winrate,
+                p.rejected_winrate,
+                p.soft_label,
+                p.weight,
+            )
+            for p in pairs
+        ]
+
+    def of(self, counts):
+        """Rows (i, j, win rate i, win rate j, soft label, weight) of one multiset: the expected pairs of a sample
+        set with these counts (weights include the probability of each order of first appearance)."""
+        counts = tuple(int(c) for c in counts)
+        if counts in self.cache:
+            return self.cache[counts]
+        present = [k for k, c in enumerate(counts) if c]
+        rows = []
+        if len(present) >= 2:
+            c = np.array([counts[k] for k in present], dtype=np.float64)
+            sequence = [k for k in present for _ in range(counts[k])]
+            soft = self._build(sequence, "all_soft")  # every distinct response's win rate, as build_pairs has it
+            winrate = {}
+            for i, j, wi, wj, *_ in soft:
+                winrate[i], winrate[j] = wi, wj
+            if self.rule == "all_soft":
+                rows = soft
+            elif self.rule == "sampled":
+                law, weight = sampled_law(c, self.P[np.ix_(present, present)])
+                rows = [
+                    (present[a], present[b], winrate[present[a]], winrate[present[b]], math.nan, weight * law[a, b])
+                    for a in range(len(present))
+                    for b in range(len(present))
+                    if law[a, b] > 0
+                ]
+            elif len({round(w, 12) for w in winrate.values()}) == len(winrate):
+                rows = self._build(sequence)  # no tie in win rate: the order of the samples does not matter
+            else:
+                for order in itertools.permutations(range(len(present))):
+                    prob, left = 1.0, c.sum()
+                    for a in order:
+                        prob *= c[a] / left
+                        left -= c[a]
+                    sequence = [present[a] for a in order for _ in range(int(c[a]))]
+                    rows += [(*r[:5], r[5] * prob) for r in self._build(sequence)]
+        self.cache[counts] = rows
+        return rows
+
+    def table(self, count_rows, probs):
+        """The pair table of a mixture of distinct sample sets (count vectors with probabilities): each pair's weight
+        times its set's probability, and the set (row of ``count_rows``) of each pair."""
+        blocks = [self._array(counts) for counts in count_rows]
+        sizes = np.array([len(b) for b in blocks])
+        rows = np.concatenate(blocks) if len(blocks) else np.zeros((0, 6))
+        set_of_pair = np.repeat(np.arange(len(blocks)), sizes)
+        weight = rows[:, 5] * np.asarray(probs, dtype=np.float64)[set_of_pair]
+        i, j = rows[:, 0].astype(int), rows[:, 1].astype(int)
+        return {"i": i, "j": j, "wi": rows[:, 2], "wj": rows[:, 3], "soft": rows[:, 4], "weight": weight}, set_of_pair
+
+    def _array(self, counts):
+        key = ("array",) + tuple(int(c) for c in counts)
+        if key not in self.cache:
+            self.cache[key] = np.array(self.of(counts), dtype=np.float64).reshape(-1, 6)
+        return self.cache[key]
+
+    def flow(self, s, sets=None):
+        """Expected net chosen-minus-rejected frequency of each response per sample set under the policy s (a soft
+        pair counts p for its chosen side and 1 - p for the other): zero for every response at a fixed point of the
+        rule's expected pairs. Exact over all multisets unless ``sets`` (count vectors) is given."""
+        sets = sample_sets(len(self.P), self.samples) if sets is None else sets
+        probs = np.exp(_log_multinomial(sets, np.log(s)))
+        out = np.zeros(len(self.P))
+        for counts, prob in zip(sets, probs):
+            for i, j, _, _, soft, w in self.of(counts):
+                p = 1.0 if math.isnan(soft) else soft
+                out[i] += prob * w * (2 * p - 1)
+                out[j] -= prob * w * (2 * p - 1)
+        return out
+
+
+def rule_step(rp, log_mu, log_ref, eta, tau, prox, sampling, exact_sets=None, mc_sets=None, rng=None):
+    """One inner step for a pair rule: minimise the loss expected over sample sets of ``rp.samples`` samples drawn
+    from ``sampling`` (the policy the samples come from), exactly over ``exact_sets`` (all multisets) or by Monte
+    Carlo over ``mc_sets`` sets drawn with ``rng``. Returns (log mu_{k+1}, Monte Carlo stderr of it or None)."""
+    if exact_sets is not None:
+        probs = np.exp(_log_multinomial(exact_sets, np.log(sampling)))
+        table, _ = rp.table(exact_sets, probs)
+        return _solve(log_mu, log_ref, eta, tau, prox, table)
+    sets, set_counts = np.unique(rng.multinomial(rp.samples, sampling, size=mc_sets), axis=0, return_counts=True)
+    table, set_of_pair = rp.table(sets, set_counts / mc_sets)
+    return _solve(log_mu, log_ref, eta, tau, prox, table, set_of_pair, set_counts)
 
 
 def run(
@@ -178,10 +389,19 @@ def run(
     ref_every=200,
     init=None,
     record_every=None,
+    pairs="exact",
+    samples=5,
+    mc_sets=None,
+    seed=0,
 ):
     """Run one algorithm from ``init`` (default uniform); returns the JSON-ready result dict.
 
     ``gaps`` holds [iteration, duality gap] every ``record_every`` steps (default ~200 points), plus the last one.
+    ``pairs`` (loss mode): ``exact`` is the exact expectation over y, y' ~ mu_k x mu_k; a rule of
+    comal_openrlhf.pairs makes each step minimise the loss expected over sample sets of ``samples`` samples from
+    the sampling policy, exactly over all multisets when there are at most MAX_EXACT_SETS of them (or ``mc_sets``
+    is 0), else by Monte Carlo over ``mc_sets`` (default MC_SETS) sets per step drawn with ``seed``; the result then
+    states ``mc_stderr``, the largest per-step standard error of log mu_{k+1} (delta method).
     """
     P = np.asarray(P, dtype=float)
     n = len(P)
@@ -195,6 +415,22 @@ def run(
         raise ValueError(f"need eta > 0, tau >= 0 and eta*tau < 1, got eta={eta}, tau={tau}")
     if iters < 0 or ref_every < 1:
         raise ValueError(f"need iters >= 0 and ref_every >= 1, got {iters}, {ref_every}")
+    if pairs not in PAIR_RULES:
+        raise ValueError(f"unknown pair rule {pairs!r}; choose one of {', '.join(PAIR_RULES)}")
+    if pairs != "exact" and mode != "loss":
+        raise ValueError(f"pair rule {pairs!r} needs --mode loss (the closed form is the exact expectation)")
+    rp = exact_sets = rng = None
+    if pairs != "exact":
+        rp = RulePairs(P, pairs, samples)
+        n_sets = math.comb(samples + n - 1, n - 1)
+        if mc_sets is None:
+            mc_sets = 0 if n_sets <= MAX_EXACT_SETS else MC_SETS
+        if not (isinstance(mc_sets, int) and (mc_sets == 0 or mc_sets >= 2)):
+            raise ValueError(f"--mc-sets must be 0 (exact) or an integer >= 2, got {mc_sets!r}")
+        if mc_sets == 0:
+            exact_sets = sample_sets(n, samples)
+        else:
+            rng = np.random.default_rng(seed)
     mu = np.full(n, 1.0 / n) if init is None else np.asarray(init, dtype=float)
     if mu.shape != (n,) or not np.all(mu > 0):
         raise ValueError(f"init must be {n} positive numbers (a Nash must lie in its support), got {init}")
@@ -203,6 +439,7 @@ def run(
     record_every = record_every or max(1, iters // 200)
 
     r = eta * tau
+    mc_stderr = 0.0
     gaps = [[0, duality_gap(P, mu)]]
     start = time.perf_counter()
     for k in range(1, iters + 1):
@@ -210,8 +447,12 @@ def run(
         opp = _normalise_log(log_c)[1] if algo == "nash-md" else mu
         if mode == "closed-form":
             log_mu, mu = _normalise_log(log_c + eta * (P @ opp))
-        else:
+        elif rp is None:
             log_mu, mu = _normalise_log(loss_step(P, log_mu, log_ref, eta, tau, prox, opp))
+        else:  # the samples come from the sampling policy (the opponent: mu_k, or Nash-MD's mixture)
+            step, se = rule_step(rp, log_mu, log_ref, eta, tau, prox, opp, exact_sets, mc_sets, rng)
+            log_mu, mu = _normalise_log(step)
+            mc_stderr = max(mc_stderr, se or 0.0)
         if algo == "comal" and k % ref_every == 0:
             log_ref = log_mu.copy()  # reference advance: next round's regularised game is centred here
         if k % record_every == 0 or k == iters:
@@ -226,6 +467,10 @@ def run(
         "eta": eta,
         "tau": tau,
         "ref_every": ref_every if algo == "comal" else None,
+        "pairs": pairs,
+        "samples": samples if rp else None,
+        "sample_sets": None if rp is None else (f"monte carlo, {mc_sets} per step" if mc_sets else "exact"),
+        "mc_stderr": mc_stderr if rp is not None and mc_sets else None,
         "iterations": iters,
         "policy": mu.tolist(),
         "nash": nash.tolist(),
@@ -253,10 +498,33 @@ def _plot(result, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m comal_openrlhf.game", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--algo", choices=ALGOS, default="comal", help="update rule (mwu ignores --tau)")
+    ap.add_argument(
+        "--algo",
+        choices=ALGOS,
+        default="comal",
+        help="update rule; mwu = self-play MWU on the win rate (iterative IPO/SPPO, not iterative DPO), ignores --tau",
+    )
     ap.add_argument("--matrix", default="paper", help='"paper" or a JSON file {"P": [[...]], "labels": [...]}')
-    ap.add_argument("--mode", choices=MODES, default="closed-form", help="apply the formula or minimise --prox")
+    ap.add_argument(
+        "--mode", choices=MODES, default=None, help="apply the formula or minimise --prox (default: loss with --pairs)"
+    )
     ap.add_argument("--prox", choices=("ipo", "dpo", "sppo", "rebel"), default="ipo", help="loss for --mode loss")
+    ap.add_argument(
+        "--pairs",
+        choices=PAIR_RULES,
+        default="exact",
+        help="pairs of each step: exact expectation over y, y' ~ mu_k x mu_k, or a pair rule of the trainer, its loss "
+        "expected over sample sets of --samples samples",
+    )
+    ap.add_argument("--samples", type=int, default=5, help="samples per prompt for --pairs RULE (official: 5)")
+    ap.add_argument(
+        "--mc-sets",
+        type=int,
+        default=None,
+        help=f"sample sets per step by Monte Carlo (0 = exact; default exact up to {MAX_EXACT_SETS} multisets, "
+        f"else {MC_SETS})",
+    )
+    ap.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo sample sets")
     ap.add_argument("--iters", type=int, default=5000, help="inner steps")
     ap.add_argument("--eta", type=float, default=1.0, help="step size (beta = 1/eta)")
     ap.add_argument("--tau", type=float, default=0.1, help="KL strength towards the reference (r = eta*tau)")
@@ -272,7 +540,22 @@ def main(argv=None):
             init = None if args.init is None else [float(x) for x in args.init.split(",")]
         except ValueError:
             raise ValueError(f"--init must be comma-separated numbers, got {args.init!r}") from None
-        result = run(P, args.algo, args.mode, args.prox, args.iters, args.eta, args.tau, args.ref_every, init)
+        mode = args.mode or ("closed-form" if args.pairs == "exact" else "loss")
+        result = run(
+            P,
+            args.algo,
+            mode,
+            args.prox,
+            args.iters,
+            args.eta,
+            args.tau,
+            args.ref_every,
+            init,
+            pairs=args.pairs,
+            samples=args.samples,
+            mc_sets=args.mc_sets,
+            seed=args.seed,
+        )
         if args.plot:
             os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
             _plot(result, args.plot)
@@ -286,10 +569,15 @@ def main(argv=None):
         return 0
     fmt = lambda p: ", ".join(f"{lab}={x:.6f}" for lab, x in zip(labels, p))
     it = result["iterations"]
-    print(f"{args.algo} ({args.mode}{', ' + args.prox if args.mode == 'loss' else ''}), {it} steps, eta={args.eta}")
+    how = f"{mode}, {args.prox}" if mode == "loss" else mode
+    if result["sample_sets"]:
+        how += f", pairs {args.pairs} over {args.samples}-sample sets ({result['sample_sets']})"
+    print(f"{args.algo} ({how}), {it} steps, eta={args.eta}")
     print(f"  policy       {fmt(result['policy'])}")
     print(f"  Nash (LP)    {fmt(result['nash'])}")
     print(f"  duality gap  {result['duality_gap']:.3e}   KL(nash||policy) {result['kl_to_nash']:.3e}")
+    if result["mc_stderr"] is not None:
+        print(f"  Monte Carlo  largest per-step standard error of log mu_k+1: {result['mc_stderr']:.1e}")
     print(f"  time         {result['seconds']:.3f} s ({result['seconds'] / max(it, 1) * 1e6:.1f} us/step)")
     return 0
 

@@ -1,6 +1,8 @@
-"""Tabular game lab (comal_openrlhf/game.py): the paper's synthetic game (COMAL.md section 3), the Nash LP, the
-loss-mode steps against the closed-form step (COMAL.md section 4), matrix-file errors and the CLI."""
+"""Tabular game lab (comal_openrlhf/game.py): the paper's synthetic game (arXiv 2410.23223), the Nash LP, the
+loss-mode steps against the closed-form step, the trainer's pair rules in expectation over sample sets, matrix-file
+errors and the CLI."""
 
+import itertools
 import json
 import math
 import subprocess
@@ -11,15 +13,22 @@ import pytest
 
 from comal_openrlhf.game import (
     MatrixError,
+    RulePairs,
+    _log_multinomial,
+    _solve,
     duality_gap,
     kl,
     load_matrix,
     loss_step,
     main,
     paper_game,
+    rule_step,
     run,
+    sample_sets,
     solve_nash,
 )
+from comal_openrlhf.judges.table import TableJudge
+from comal_openrlhf.pairs import build_pairs
 
 SKEWED = [0.6, 0.3, 0.1]
 
@@ -173,6 +182,174 @@ def test_dpo_step_on_the_intransitive_game_is_not_the_prox_step():
     mu, ref = np.log(SKEWED), np.log([0.2, 0.3, 0.5])
     dpo, ipo = (np.exp(loss_step(P, mu, ref, 1.0, 0.1, prox=p)) for p in ("dpo", "ipo"))
     assert tv(dpo, ipo) > 0.1  # measured 0.25
+
+
+# ---- pair rules: the loss expected over sample sets of N samples (build_pairs with a table judge) -----------------
+
+FAITHFUL = ("sampled", "all_soft")
+RPS = np.array([[0.5, 0.0, 1.0], [1.0, 0.5, 0.0], [0.0, 1.0, 0.5]])  # every multiset of 3 distinct responses ties
+
+
+def test_sample_sets_are_every_multiset_with_its_multinomial_probability():
+    sets = sample_sets(3, 5)
+    assert len(sets) == 21 == math.comb(7, 2) and len(set(sets)) == 21 and all(sum(c) == 5 for c in sets)
+    s = np.array([0.6, 0.3, 0.1])
+    brute = {}
+    for seq in itertools.product(range(3), repeat=5):  # 3^5 ordered sample sets
+        c = tuple(np.bincount(seq, minlength=3))
+        brute[c] = brute.get(c, 0.0) + float(np.prod(s[list(seq)]))
+    got = np.exp(_log_multinomial(sets, np.log(s)))
+    np.testing.assert_allclose(got, [brute[c] for c in sets], rtol=1e-13)  # a few roundings per term
+
+
+def _mass(rows, prob, out):
+    """Accumulate rows (i, j, win rate i, win rate j, soft label, weight) by everything but the weight."""
+    for i, j, wi, wj, soft, w in rows:
+        key = (int(i), int(j), round(wi, 9), round(wj, 9), "hard" if math.isnan(soft) else round(soft, 9))
+        out[key] = out.get(key, 0.0) + prob * w
+
+
+@pytest.mark.parametrize("game", ["paper", "rps"])
+@pytest.mark.parametrize("rule", ["top2", "best_worst", "all_soft"])
+def test_rule_pairs_over_multisets_equal_build_pairs_over_every_sequence(rule, game):
+    # The lab caches one multiset's pairs; build_pairs sees ordered samples, and top2/best_worst break ties in win
+    # rate by first appearance. Over all 3^4 sequences the expected pairs must agree (RPS ties in most multisets).
+    P = paper_game()[0] if game == "paper" else RPS
+    s, n_samples = np.array([0.5, 0.3, 0.2]), 4
+    rp = RulePairs(P, rule, n_samples)
+    judge, labels = TableJudge(P, ["y0", "y1", "y2"]), ["y0", "y1", "y2"]
+    want = {}
+    for seq in itertools.product(range(3), repeat=n_samples):
+        pairs, _ = build_pairs([("x", [labels[k] for k in seq])], judge, rule)
+        rows = [
+            (
+                labels.index(p.chosen),
+                labels.index(p.rejected),
+                p.chosen_winrate,
+                p.rejected_winrate,
+                p.soft_label,
+                p.weight,
+            )
+            for p in pairs
+        ]
+        _mass(rows, float(np.prod(s[list(seq)])), want)
+    got = {}
+    sets = sample_sets(3, n_samples)
+    for counts, prob in zip(sets, np.exp(_log_multinomial(sets, np.log(s)))):
+        _mass(rp.of(counts), prob, got)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-14), key  # sums of 81 products < 1
+
+
+@pytest.mark.parametrize("prox", ["ipo", "dpo"])
+@pytest.mark.parametrize("rule", FAITHFUL)
+def test_faithful_rules_take_the_exact_step(rule, prox):
+    # sampled and all_soft with the c_i c_j / (N (N - 1)) weights: the expected loss over 5-sample sets is the
+    # exact loss over y, y' ~ mu x mu up to a constant, so the step is the same (mu != ref exercises the centre)
+    P, _ = paper_game()
+    log_mu, log_ref = np.log(SKEWED), np.log([0.2, 0.3, 0.5])
+    exact = loss_step(P, log_mu, log_ref, 1.0, 0.1, prox)
+    step, se = rule_step(RulePairs(P, rule, 5), log_mu, log_ref, 1.0, 0.1, prox, np.exp(log_mu), sample_sets(3, 5))
+    assert se is None
+    np.testing.assert_allclose(step, exact, atol=1e-8)  # both solved to gradient 1e-13 on an O(1) curvature
+
+
+def test_renormalised_weights_would_not_take_the_exact_step():
+    # the old per-prompt renormalisation (weights c_i c_j / sum over the prompt's distinct pairs) moves the step
+    P, _ = paper_game()
+    log_mu = np.log(SKEWED)
+    rp = RulePairs(P, "all_soft", 5)
+    sets = sample_sets(3, 5)
+    table, set_of_pair = rp.table(sets, np.exp(_log_multinomial(sets, log_mu)))
+    share = np.array([sum(r[5] for r in rp.of(c)) for c in sets])  # each set's total weight
+    renorm = dict(table, weight=table["weight"] / np.where(share > 0, share, 1)[set_of_pair])
+    biased = _solve(log_mu, log_mu, 1.0, 0.1, "ipo", renorm)[0]
+    exact = loss_step(P, log_mu, log_mu, 1.0, 0.1)
+    assert np.abs(biased - exact).max() > 1e-2  # measured 3.6e-2 in log-probs
+
+
+def test_top2_pulls_away_from_the_nash():
+    # net chosen-minus-rejected frequency per 5-sample set at the Nash policy: zero for the faithful rules (the
+    # Nash is their fixed point), (0.130, 0.006, -0.136) for top2 (3^5 sequences, computed by hand in the issue)
+    P, _ = paper_game()
+    nash = solve_nash(P)
+    for rule in FAITHFUL:
+        np.testing.assert_allclose(RulePairs(P, rule, 5).flow(nash), 0.0, atol=1e-14)
+    np.testing.assert_allclose(RulePairs(P, "top2", 5).flow(nash), [0.1300, 0.0060, -0.1360], atol=5e-4)
+    log_nash = np.log(nash)
+    for rule, moves in (("sampled", False), ("all_soft", False), ("top2", True)):
+        step, _ = rule_step(RulePairs(P, rule, 5), log_nash, log_nash, 1.0, 0.1, "ipo", nash, sample_sets(3, 5))
+        assert (tv(np.exp(step), nash) > 1e-3) == moves, rule  # measured (TV): top2 2.4e-2, the others 0
+
+
+def test_top2_fixed_point_on_the_paper_game_is_uniform():
+    P, _ = paper_game()
+    u = np.ones(3) / 3
+    rp = RulePairs(P, "top2", 5)
+    np.testing.assert_allclose(rp.flow(u), 0.0, atol=1e-14)
+    step, _ = rule_step(rp, np.log(u), np.log(u), 1.0, 0.1, "ipo", u, sample_sets(3, 5))
+    np.testing.assert_allclose(np.exp(step), u, atol=1e-9)
+    assert np.abs(RulePairs(P, "sampled", 5).flow(u)).max() > 0.04  # the faithful rules leave uniform
+
+
+def test_monte_carlo_step_within_its_stated_error():
+    P, _ = paper_game()
+    log_mu, log_ref = np.log(SKEWED), np.log([0.2, 0.3, 0.5])
+    rp = RulePairs(P, "all_soft", 5)
+    exact, _ = rule_step(rp, log_mu, log_ref, 1.0, 0.1, "ipo", np.exp(log_mu), sample_sets(3, 5))
+    for seed in range(3):
+        mc, se = rule_step(
+            rp, log_mu, log_ref, 1.0, 0.1, "ipo", np.exp(log_mu), mc_sets=4000, rng=np.random.default_rng(seed)
+        )
+        assert 0 < se < 0.05
+        assert np.abs(mc - exact).max() < 5 * se  # a 5-sigma bound on the largest of 3 coordinates
+
+
+def test_run_with_a_rule_records_it():
+    P, _ = paper_game()
+    res = run(P, mode="loss", iters=3, ref_every=2, init=SKEWED, pairs="sampled", samples=5)
+    assert res["pairs"] == "sampled" and res["samples"] == 5 and res["sample_sets"] == "exact"
+    assert res["mc_stderr"] is None
+    exact = run(P, mode="closed-form", iters=3, ref_every=2, init=SKEWED)
+    assert tv(res["policy"], exact["policy"]) < 1e-8
+    mc = run(P, mode="loss", iters=2, init=SKEWED, pairs="top2", mc_sets=500)
+    assert mc["sample_sets"] == "monte carlo, 500 per step" and mc["mc_stderr"] > 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("init", [None, SKEWED])
+@pytest.mark.parametrize("rule", ["sampled", "all_soft", "top2", "best_worst"])
+def test_pair_rules_on_the_paper_game(rule, init):
+    # the issue's setting: eta 1, tau 0.1, K 50, 600 steps, expectation over all 5-sample sets
+    P, _ = paper_game()
+    res = run(P, "comal", "loss", "ipo", 600, 1.0, 0.1, 50, init, pairs=rule, samples=5)
+    if rule in FAITHFUL:
+        assert res["duality_gap"] <= 1e-4  # measured 1.9e-6 (uniform), 6.8e-6 (skewed): the closed form's
+    else:
+        assert res["duality_gap"] > 0.05  # measured: top2 0.0667 both, best_worst 0.0667 / 0.0869
+    if rule == "top2":
+        assert tv(res["policy"], np.ones(3) / 3) < 1e-5  # ends at the uniform policy
+
+
+def test_bad_pair_arguments():
+    P, _ = paper_game()
+    with pytest.raises(ValueError, match="unknown pair rule"):
+        run(P, mode="loss", pairs="best_of_n")
+    with pytest.raises(ValueError, match="needs --mode loss"):
+        run(P, pairs="top2")
+    with pytest.raises(ValueError, match="--samples"):
+        run(P, mode="loss", pairs="top2", samples=1)
+    with pytest.raises(ValueError, match="--mc-sets"):
+        run(P, mode="loss", pairs="top2", mc_sets=1)
+
+
+def test_cli_pairs(capsys):
+    assert main(["--pairs", "top2", "--iters", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["mode"] == "loss" and res["pairs"] == "top2" and res["sample_sets"] == "exact"
+    assert main(["--pairs", "top2", "--mode", "closed-form"]) == 2
+    assert "needs --mode loss" in capsys.readouterr().err
 
 
 # ---- matrix files and the CLI --------------------------------------------------------------------------------------
