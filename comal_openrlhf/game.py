@@ -52,6 +52,7 @@ import numpy as np
 from scipy.optimize import linprog
 from scipy.special import gammaln
 
+from comal_openrlhf._cli import json_stdout
 from comal_openrlhf.judges.table import TableJudge
 from comal_openrlhf.pairs import RULES, build_pairs, sampled_law
 
@@ -533,7 +534,11 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--plot", default=None, metavar="FILE.png", help="save the duality gap vs iteration")
     args = ap.parse_args(argv)
+    with json_stdout(args.json) as emit:  # --json: stdout holds the JSON object only, any other print goes to stderr
+        return _main(args, emit)
 
+
+def _main(args, emit):
     try:
         P, labels = load_matrix(args.matrix)
         try:
@@ -565,7 +570,7 @@ def main(argv=None):
 
     result["labels"] = labels
     if args.json:
-        print(json.dumps(result))
+        emit(result)
         return 0
     fmt = lambda p: ", ".join(f"{lab}={x:.6f}" for lab, x in zip(labels, p))
     it = result["iterations"]
