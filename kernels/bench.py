@@ -10,9 +10,10 @@ pair), all unmasked, temperature 1.
 
 Providers: ``torch-eager`` (fp32 log_softmax + gather, also the reference of the diff columns), ``openrlhf``
 (OpenRLHF 0.11.2's path: fp32 cast of the logits, then ``openrlhf.models.utils.log_probs_from_logits``; marked
-unavailable if it cannot be imported), ``ours-triton`` (CUDA only), ``ours-torch`` (chunked) and ``liger-flce``
-(Liger's fused linear cross entropy, linear kernel only, when installed; not exercised on this CPU machine). Ours
-run with ``inplace_backward=True`` where the op has it. Modes: forward (graph built, as in training), backward
+unavailable if it cannot be imported), ``ours-triton`` (CUDA only), ``ours-torch`` (chunked), and for the linear
+kernel the published anchors when installed (``pip install .[bench]``): ``liger-flce`` (Liger's fused linear cross
+entropy) and ``cce`` (Apple's Cut Cross-Entropy, arXiv 2411.09009; CUDA only). Ours run with
+``inplace_backward=True`` where the op has it. Modes: forward (graph built, as in training), backward
 (backward only; an untimed forward before each repeat) and full (forward + backward).
 
 Every (kernel, provider, mode, shape) row runs in a fresh subprocess, so the peak memory of one row is not hidden
@@ -26,6 +27,11 @@ over the repeats, one thread unless --threads says otherwise. Throughput is effe
 read once per pass, gradient written once) or useful FLOPs (2NdV forward, 4NdV backward) over the p50 time; the
 fraction of the device limit is given on an H100 only. Accuracy columns compare with torch-eager: max_abs_diff of
 the per-sequence mean log-prob, max_rel_diff of the per-sequence sums.
+
+``--predict h100`` adds per row the HBM bytes and FLOPs of the provider's algorithm and the time they imply at H100
+limits (the stage model of ``config``; ``predict`` below lists each provider's assumptions), next to the time
+measured on an H100 ("not measured" on any other machine) and their ratio. ``--no-run`` skips the measurements
+(predictions only). ``--json`` prints one JSON object on stdout and everything else on stderr.
 """
 
 import argparse
@@ -42,7 +48,8 @@ import time
 import torch
 
 KERNELS = ("sequence_logps", "sequence_logratio", "linear_sequence_logps")
-PROVIDERS = ("torch-eager", "openrlhf", "ours-triton", "ours-torch", "liger-flce")
+PROVIDERS = ("torch-eager", "openrlhf", "ours-triton", "ours-torch", "liger-flce", "cce")
+LINEAR_ONLY = ("liger-flce", "cce")
 MODES = ("forward", "backward", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 H100 = {"GB/s": 3350.0, "TFLOP/s": 989.0}  # HBM3 bandwidth and dense bf16 tensor-core peak
@@ -67,6 +74,7 @@ FIELDS = [
     "max_rel_diff",
     "note",
 ]
+PREDICT_FIELDS = ["pred_GB", "pred_TFLOP", "h100_pred_ms", "h100_measured_ms", "measured/predicted"]
 
 
 def parse_shape(spec, device):
@@ -84,7 +92,7 @@ def cases(shapes, modes, kernels, device):
             if (kernel == "linear_sequence_logps") != (len(dims) == 3):
                 continue
             for provider in PROVIDERS:
-                if provider == "liger-flce" and kernel != "linear_sequence_logps":
+                if provider in LINEAR_ONLY and kernel != "linear_sequence_logps":
                     continue
                 for mode in modes:
                     yield {"kernel": kernel, "provider": provider, "mode": mode, "dims": dims, "dtype": dtype}
@@ -145,6 +153,13 @@ def build_op(kernel, provider, x, device):
         except ImportError:
             raise RuntimeError("liger-kernel not installed") from None
         flce = LigerFusedLinearCrossEntropyLoss(reduction="none")
+    if provider == "cce":
+        if device != "cuda":
+            raise RuntimeError("needs a CUDA GPU")
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except ImportError:
+            raise RuntimeError("cut-cross-entropy not installed") from None
 
     from comal_openrlhf import kernels as K
 
@@ -173,6 +188,8 @@ def build_op(kernel, provider, x, device):
         return lambda: K.linear_sequence_logps(h, w, labels, mask, backend=backend)[0]
     if provider == "liger-flce":
         return lambda: -(flce(w, h.reshape(-1, h.shape[-1]), labels.reshape(-1)).view_as(mask) * mask).sum(-1)
+    if provider == "cce":
+        return lambda: -(linear_cross_entropy(h, w, labels, reduction="none").view_as(mask) * mask).sum(-1)
     logps = _eager_logps if provider == "torch-eager" else _openrlhf_logps
     return lambda: logps(h @ w.t(), labels, mask)
 
@@ -290,6 +307,93 @@ def run_child(spec):
 # ---------------------------------------------------------------------------------------------- parent process
 
 
+# ------------------------------------------------------------------------------------------- predicted times
+
+# HBM bytes per logits element of each from-logits provider, per (forward, backward) pass, at itemsize s of the
+# logits; the chunks of the torch paths (64 MB of fp32 on GPU) exceed the 50 MB L2, so each pass over them counts.
+#   ours-triton: read the row once; backward reads it and writes the gradient in place.
+#   ours-torch:  fp32 copy (s + 4), amax (4), sub_ and exp_ in place (8 each), sum (4); backward: copy (s + 4),
+#                five in-place passes (8 each), write back (4 + s).
+#   torch-eager: fp32 cast (s + 4, none for fp32 logits), log_softmax (~3 passes of 4); backward: zero-filled
+#                gather gradient (4), log_softmax backward (16), cast back (4 + s, none for fp32).
+#   openrlhf:    modelled as torch-eager (the same fp32 cast of all logits, then a log-softmax over them).
+ROW_BYTES = {
+    "ours-triton": (lambda s: s, lambda s: 2 * s),
+    "ours-torch": (lambda s: s + 28, lambda s: 2 * s + 48),
+    "torch-eager": (lambda s: (s + 4 if s != 4 else 0) + 12, lambda s: 20 + (4 + s if s != 4 else 0)),
+}
+ROW_BYTES["openrlhf"] = ROW_BYTES["torch-eager"]
+
+
+def predict(row):
+    """(bytes, FLOPs, ms) of the provider's algorithm at H100 limits, from the cost model of ``config``; plus a
+    note on what was assumed. None for a provider without a model."""
+    from .config import H100, linear_chunked_stages, stage, total_ms
+
+    dims, dtype, mode, provider = row["dims"], row["dtype"], row["mode"], row["provider"]
+    s = DTYPES[dtype].itemsize
+    note = ""
+    if row["kernel"] != "linear_sequence_logps":
+        N, V = dims
+        E = N * V
+        fwd_b, bwd_b = ROW_BYTES[provider]
+        reads = 2 if row["kernel"] == "sequence_logratio" else 1  # the paired kernel reads policy and reference
+        fwd = [stage("forward", 0.0, reads * E * fwd_b(s), dtype)]
+        bwd = [stage("backward", 0.0, E * bwd_b(s), dtype)]
+        stages = {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
+    else:
+        from .linear_sequence_logps import chunk_schedule
+
+        N, V, D = dims
+        E, gemm, W, H = N * V, 2.0 * N * V * D, V * D * s, N * D * s
+        if provider in ("ours-triton", "ours-torch"):
+            chunks = chunk_schedule(N, V, D, DTYPES[dtype], "cuda")
+            stages = linear_chunked_stages(N, V, D, dtype, chunks[0][1], mode)
+            if provider == "ours-torch":  # the row stages run as the chunked torch passes instead
+                rows = {"row kernel: lse, logp": E * ROW_BYTES["ours-torch"][0](s)}
+                rows["row kernel: dz in place"] = E * ROW_BYTES["ours-torch"][1](s)
+                stages = [stage(st["stage"], st["flops"], rows.get(st["stage"], st["bytes"]), dtype) for st in stages]
+            note = f"chunks of {chunks[0][1]} tokens"
+        elif provider in ("torch-eager", "openrlhf"):
+            fwd = [stage("logits GEMM", gemm, W + H + E * s, dtype)]
+            fwd += [stage("log-softmax", 0.0, E * ROW_BYTES["torch-eager"][0](s), dtype)]
+            bwd = [stage("log-softmax backward", 0.0, E * ROW_BYTES["torch-eager"][1](s), dtype)]
+            bwd += [stage("dh GEMM", gemm, E * s + W + H, dtype), stage("dW GEMM", gemm, E * s + H + W, dtype)]
+            stages = {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
+            note = "N x V logits materialised"
+        elif provider == "liger-flce":
+            # Liger's fused linear cross entropy does all the gradient work in its forward, in chunks of
+            # next_power_of_2(N / ceil(V / D)) tokens, accumulating dW in the weight dtype; its backward only scales.
+            chunk = 1 << max(0, (math.ceil(N / math.ceil(V / D)) - 1).bit_length())
+            n = math.ceil(N / chunk)
+            fwd = [stage("logits GEMM", gemm, n * W + H + E * s, dtype)]
+            fwd += [stage("cross-entropy kernel in place", 0.0, 2 * E * s, dtype)]
+            fwd += [
+                stage("dh GEMM", gemm, n * W + E * s + H, dtype),
+                stage("dW GEMM", gemm, 2 * n * W + E * s + H, dtype),
+            ]
+            bwd = [stage("scale dh, dW", 0.0, 2 * (W + H), dtype)]
+            stages = {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
+            note = f"chunks of {chunk} tokens; gradients formed in the forward"
+        elif provider == "cce":
+            # Cut Cross-Entropy (arXiv 2411.09009): fused kernels that never write logits; modelled at the FLOP
+            # floor with h and W read once per pass; its gradient filtering (skipping vocabulary blocks whose
+            # softmax is below bf16 resolution) can remove part of the backward's FLOPs, which is not credited here.
+            fwd = [stage("fused logits + lse", gemm, W + H, dtype)]
+            bwd = [stage("fused recompute + dh + dW", 3 * gemm, 2 * (W + H) + 4 * V * D, dtype)]
+            stages = {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
+            note = "no gradient filtering credited"
+        else:
+            return None
+    return {
+        "bytes": sum(st["bytes"] for st in stages),
+        "flops": sum(st["flops"] for st in stages),
+        "ms": total_ms(stages),
+        "device": H100["name"],
+        "note": note,
+    }
+
+
 def throughput(row, p50_ms, device):
     dims, dt = row["dims"], DTYPES[row["dtype"]]
     passes = {"forward": 1, "backward": 2, "full": 3}[row["mode"]]  # logits reads + gradient write
@@ -311,6 +415,11 @@ def unavailable_here(provider, device):
         return {"status": "unavailable", "note": "needs a CUDA GPU"}
     if provider == "liger-flce" and importlib.util.find_spec("liger_kernel") is None:
         return {"status": "unavailable", "note": "liger-kernel not installed"}
+    if provider == "cce":
+        if device != "cuda":
+            return {"status": "unavailable", "note": "needs a CUDA GPU"}
+        if importlib.util.find_spec("cut_cross_entropy") is None:
+            return {"status": "unavailable", "note": "cut-cross-entropy not installed"}
     return None
 
 
@@ -350,12 +459,23 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="CPU threads per run (default 1 on CPU)")
     ap.add_argument("--out", default="runs/kernel_bench", help="folder for bench.md and bench.csv")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, full mode, 1 repeat: a smoke test")
+    ap.add_argument(
+        "--predict",
+        choices=["h100"],
+        help="add per row the bytes and FLOPs of the provider's algorithm and the time they imply at H100 limits "
+        '(3.35 TB/s, 989 TFLOP/s bf16), next to the time measured on an H100 ("not measured" elsewhere)',
+    )
+    ap.add_argument("--no-run", dest="no_run", action="store_true", help="measure nothing (with --predict: the model)")
+    ap.add_argument("--json", action="store_true", help="print only one JSON object on stdout (all else to stderr)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.child:
         print("BENCH_RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
         return
+
+    def say(*parts):
+        print(*parts, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     modes = list(MODES) if args.mode == "all" else [args.mode]
@@ -396,14 +516,24 @@ def main(argv=None):
     ]
     if device != "cuda":
         header.append("NOTE: no GPU here - Triton timings need a GPU; ours-triton rows are skipped on CPU.")
-    print("\n".join(header), flush=True)
+    on_h100 = device == "cuda" and "H100" in torch.cuda.get_device_name()
+    if args.predict:
+        header.append(
+            "Predicted (H100 SXM: 3.35 TB/s HBM, 989 TFLOP/s dense bf16, 67 TFLOP/s fp32): bytes and FLOPs of each "
+            "provider's algorithm, each stage max(FLOPs / peak, bytes / bandwidth), summed (kernels/config.py); a "
+            'lower bound. h100_measured_ms is the p50 above when this machine is an H100, else "not measured".'
+        )
+    say("\n".join(header))
 
     rows, ref = [], {}
     for row in cases(shapes, modes, args.kernels, device):
         if row["provider"] not in args.providers:
             continue
         t0 = time.time()
-        res = unavailable_here(row["provider"], device) or run_row(row, repeats, threads, out_dir)
+        if args.no_run:
+            res = {"status": "not run", "note": "--no-run"}
+        else:
+            res = unavailable_here(row["provider"], device) or run_row(row, repeats, threads, out_dir)
         shape = "x".join(map(str, row["dims"]))
         rec = {k: row[k] for k in ("kernel", "provider", "mode", "dtype")}
         rec.update(shape=shape, note=res.get("note", ""))
@@ -418,25 +548,41 @@ def main(argv=None):
                 rec["max_abs_diff"] = (torch.tensor(res["means"]) - ref[key]["means"]).abs().max().item()
                 rel = (torch.tensor(res["sums"]) - ref[key]["sums"]).abs() / ref[key]["sums"].abs().clamp(min=1e-30)
                 rec["max_rel_diff"] = rel.max().item()
+        if args.predict:
+            pr = predict(row)
+            if pr is not None:
+                rec["pred_GB"], rec["pred_TFLOP"], rec["h100_pred_ms"] = (
+                    pr["bytes"] / 1e9,
+                    pr["flops"] / 1e12,
+                    pr["ms"],
+                )
+                measured = on_h100 and res["status"] == "ok"
+                rec["h100_measured_ms"] = res["p50_ms"] if measured else "not measured"
+                rec["measured/predicted"] = res["p50_ms"] / pr["ms"] if measured else ""
+                if pr["note"]:
+                    rec["note"] = "; ".join(x for x in (rec["note"], pr["note"]) if x)
         rows.append(rec)
-        print(
+        say(
             f"  {rec['kernel']:22s} {rec['provider']:12s} {rec['mode']:8s} {shape:18s} {rec['dtype']} "
-            f"{res['status']} ({time.time() - t0:.1f}s) {rec['note']}",
-            flush=True,
+            f"{res['status']} ({time.time() - t0:.1f}s) {rec['note']}"
         )
 
-    table = ["| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
-    table += ["| " + " | ".join(fmt(r.get(k, "")) for k in FIELDS) + " |" for r in rows]
+    fields = FIELDS[:-1] + (PREDICT_FIELDS if args.predict else []) + FIELDS[-1:]
+    table = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    table += ["| " + " | ".join(fmt(r.get(k, "")) for k in fields) + " |" for r in rows]
     summary = target_check(rows)
     text = "\n".join(header + [""] + table + [""] + summary) + "\n"
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out_dir, "bench.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
-        w.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
-    print("\n" + "\n".join(table + [""] + summary))
-    print(f"\nwrote {out_dir}/bench.md and bench.csv")
+        w.writerows({k: r.get(k, "") for k in fields} for r in rows)
+    say("\n" + "\n".join(table + [""] + summary))
+    say(f"\nwrote {out_dir}/bench.md and bench.csv")
+    if args.json:
+        json.dump({"device": where, "header": header, "rows": rows, "summary": summary}, sys.stdout)
+        print()
 
 
 def target_check(rows):

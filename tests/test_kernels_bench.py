@@ -1,10 +1,12 @@
 """The kernel benchmark runs end to end on this machine (--quick: tiny shapes, full mode, one repeat)."""
 
 import csv  # noqa: I001
+import json
 import math
 import subprocess
 import sys
 
+import pytest
 import torch
 from _kernels import EPS32, SAFETY, sum_tol
 
@@ -21,6 +23,7 @@ def mean_logp_tol(V, L, D=None):
     return 2 * (token / math.sqrt(L) + sum_tol(L, 2 * zmax + math.log(V)))
 
 
+@pytest.mark.integration
 def test_bench_quick_runs(tmp_path):
     cmd = [sys.executable, "-m", "comal_openrlhf.kernels.bench", "--quick", "--out", str(tmp_path)]
     cmd += ["--kernels", "sequence_logps", "linear_sequence_logps"]  # the logratio rows reuse the same machinery
@@ -40,3 +43,43 @@ def test_bench_quick_runs(tmp_path):
     if not torch.cuda.is_available():
         assert rows[("sequence_logps", "ours-triton")]["note"] == "needs a CUDA GPU"
         assert "Triton timings need a GPU" in p.stdout
+
+
+@pytest.mark.integration
+def test_predict_json_is_one_object_with_h100_predictions(tmp_path):
+    """--json: stdout is exactly one JSON object; --predict h100: bytes, FLOPs and predicted ms on every row, and
+    "not measured" where no H100 ran the row."""
+    cmd = [sys.executable, "-m", "comal_openrlhf.kernels.bench", "--predict", "h100", "--no-run", "--json"]
+    cmd += ["--shapes", "16384x128256:bf16", "16384x128256x4096:bf16", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(p.stdout)
+    rows = {(r["kernel"], r["provider"], r["mode"]): r for r in report["rows"]}
+    assert len(rows) == len(report["rows"]) >= 30
+    for r in report["rows"]:
+        assert r["h100_pred_ms"] > 0 and r["pred_GB"] > 0 and r["h100_measured_ms"] == "not measured", r
+    # The from-logits kernel moves the minimum: one read forward, read + in-place write backward (bf16 logits).
+    E = 16384 * 128256 * 2
+    assert rows[("sequence_logps", "ours-triton", "full")]["pred_GB"] * 1e9 == 3 * E
+    linear = rows[("linear_sequence_logps", "ours-triton", "full")]
+    assert linear["pred_TFLOP"] * 1e12 == 8 * 16384 * 128256 * 4096  # forward, recompute, dh, dW GEMMs
+    for provider in ("liger-flce", "cce"):  # anchors are listed even where they cannot run
+        assert rows[("linear_sequence_logps", provider, "full")]["h100_pred_ms"] > 0
+
+
+def test_linear_model_time_within_1_5x_of_flop_floor():
+    """At N=16k, V=128k, d=4096 bf16 the chunked fused-linear path's H100 model time (forward + backward) is within
+    1.5x of the FLOP floor 6NdV / 989 TFLOP/s, with one chunk of logits as its only N x V-like transient."""
+    from comal_openrlhf.kernels import config
+    from comal_openrlhf.kernels.linear_sequence_logps import chunk_schedule
+
+    N, V, D = 16384, 128256, 4096
+    chunks = chunk_schedule(N, V, D, torch.bfloat16, "cuda")
+    C = chunks[0][1]
+    assert C < N and C * V * 2 <= config.CHUNK_CAP_BYTES
+    floor_ms = 6 * N * V * D / config.H100["flops_s"]["bf16"] * 1e3
+    model_ms = config.total_ms(config.linear_chunked_stages(N, V, D, "bf16", C))
+    assert 51 < floor_ms < 53
+    assert model_ms <= 1.5 * floor_ms, (model_ms, floor_ms)
+    # The replaced atomic design is an order of magnitude off under the same model.
+    assert config.total_ms(config.linear_fused_atomic_stages(N, V, D, "bf16")) > 10 * floor_ms
