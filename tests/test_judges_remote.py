@@ -259,6 +259,7 @@ def test_remote_serve_rm_get_reward():
     srv = FaultServer(["ok"], rewards=rewards)
     try:
         judge = RemoteJudge(srv.url + "/get_reward", temperature=0.5, batch_size=2)
+        assert judge.antisymmetric and not RemoteJudge(srv.url + "/prob").antisymmetric
         p = judge.prob(["q:", "q:", "p:"], ["a", "b", "a"], ["b", "a", "b"])
         # sigmoid((r_a - r_b) / 0.5) with r_a - r_b = 1, -1, 0
         np.testing.assert_allclose(p, 1 / (1 + np.exp(-np.array([2.0, -2.0, 0.0]))))

@@ -72,6 +72,7 @@ class RemoteJudge(Judge):
         self.retries, self.batch_size = int(retries), int(batch_size)
         self.backoff, self.max_backoff = float(backoff), float(max_backoff)
         self.reward_mode = urlparse(url).path.rstrip("/").endswith("/get_reward")
+        self.antisymmetric = self.reward_mode  # sigmoid of reward differences: judge_pairs asks one order
         self.name = f"remote:{url}"
         self.counts = {"requests": 0, "retries": 0, "failed_requests": 0}
 
