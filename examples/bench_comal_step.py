@@ -6,13 +6,18 @@ Both steps run in one process on the same model, batch and DeepSpeed strategy (O
 argument parser): the DPO step is upstream's per-step work (``concatenated_forward`` of the policy with grad, of the
 reference without, ``DPOLoss``, backward, optimizer step); the COMAL step is ``COMALTrainer._train_step`` (policy
 forward/backward and the prox loss on cached mu/ref log-probs). The precompute pass that fills the cache (policy +
-reference forward over every pair, once per iteration) is timed too. Prints a markdown table: medians (p20/p80) over
-``--repeats`` steps after warm-up, tokens/s and the COMAL/DPO ratio (target <= 0.75).
+reference forward over every pair, once per iteration) is timed too. The COMAL step runs with each log-prob path
+(``--comal.logps_kernel``): openrlhf (fp32 copy of the logits), torch (chunked kernel on the bf16 logits) and
+linear (backbone to the hidden states, then the chunked LM-head kernel: no B x L x V logits). Prints a markdown
+table: medians (p20/p80) over ``--repeats`` steps after warm-up, tokens/s, the peak memory of one step and the
+COMAL/DPO ratio (target <= 0.75). Peak memory is the growth during one step over what was held before it: on CUDA
+``torch.cuda.max_memory_allocated``, on CPU the peak RSS (its mark reset through /proc/self/clear_refs).
 """
 
 import argparse
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -38,7 +43,8 @@ def main():
     import torch
 
     from comal_openrlhf.cli.train_comal import parse_args
-    from comal_openrlhf.data import PairDataset, PairRow
+    from comal_openrlhf.data import IterationSource
+    from comal_openrlhf.pairs import Pair
     from comal_openrlhf.schedule import resolve_plan
     from comal_openrlhf.tiny import build_tiny_llama
 
@@ -63,7 +69,7 @@ def main():
     from openrlhf.models import Actor, DPOLoss
     from openrlhf.utils import get_strategy, get_tokenizer
 
-    from comal_openrlhf.trainer import COMALTrainer
+    from comal_openrlhf.trainer import COMALTrainer, TrainerSettings
 
     strategy = get_strategy(args)
     strategy.setup_distributed()
@@ -76,22 +82,22 @@ def main():
     sched = dict(lr_scheduler="constant", lr_warmup_ratio=0.0, min_lr_ratio=0.1)
     cfg = dict(optim="adam", muon=vars(args.muon), adam=vars(args.adam), max_norm=1.0, scheduler_steps=10**6, **sched)
     (model, optim, scheduler), ref = strategy.prepare((model, cfg), ref)
-    plan = resolve_plan("iter-ipo", beta=0.1)
-    trainer = COMALTrainer(model, ref, strategy, tok, optim, scheduler, None, plan, sched)
+    plan, _ = resolve_plan("iter-ipo", beta=0.1)
+    trainer = COMALTrainer(model, ref, strategy, tok, optim, scheduler, IterationSource(), plan, sched,
+                           TrainerSettings(logps_kernel="openrlhf", iteration_ckpt=False))  # fmt: skip
 
     g = torch.Generator().manual_seed(0)
 
     def text(n):
         return " ".join(words[i] for i in torch.randint(len(words), (n,), generator=g).tolist())
 
-    rows = [PairRow(text(16) + " ", text(a.seq), text(a.seq)) for _ in range(a.pairs)]
-    dataset = PairDataset(rows, tok, args.data.max_len)
+    rows = [Pair(text(16) + " ", text(a.seq), text(a.seq)) for _ in range(a.pairs)]
     t = time.perf_counter()
-    cache = trainer.precompute(dataset)
+    record = trainer.precompute(0, rows, {})
     precompute_s = time.perf_counter() - t
+    dataset = trainer._dataset(record.pairs)
     batch = dataset.collate_fn([dataset[i] for i in range(mb)])
     tokens = int(batch[1].sum() + batch[3].sum())
-    pad = tok.pad_token_id
     dpo_loss = DPOLoss(0.1, 0.0, True)
 
     def dpo_step():
@@ -104,7 +110,7 @@ def main():
         strategy.optimizer_step(optim, model, scheduler)
 
     def comal_step():
-        trainer._train_step(batch, cache, dataset, pad)
+        trainer._train_step(batch, record)
 
     def timed(fn):
         for _ in range(a.warmup):
@@ -116,17 +122,49 @@ def main():
             out.append(time.perf_counter() - t)
         return out
 
-    def comal_kernel_step():
-        trainer.logps_kernel = "torch"
-        trainer._train_step(batch, cache, dataset, pad)
-        trainer.logps_kernel = "openrlhf"
+    def with_kernel(kernel):
+        def step():
+            trainer.settings.logps_kernel = kernel
+            try:
+                trainer._train_step(batch, record)
+            finally:
+                trainer.settings.logps_kernel = "openrlhf"
 
+        return step
+
+    comal_kernel_step, comal_linear_step = with_kernel("torch"), with_kernel("linear")
+
+    def peak_mb(fn):
+        """Growth of memory during one call of fn over what was held before it (see the module docstring)."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - base) / 2**20
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak-RSS mark to the current RSS
+        except OSError:
+            return float("nan")
+        with open("/proc/self/statm") as f:
+            base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        fn()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+
+    steps = {
+        "dpo": dpo_step,
+        "comal": comal_step,
+        "comal_kernel": comal_kernel_step,
+        "comal_linear": comal_linear_step,
+    }
+    peak = {name: peak_mb(fn) for name, fn in steps.items()}
     # interleave so that drift of the machine hits all alike
-    res = {"dpo": [], "comal": [], "comal_kernel": []}
+    res = {name: [] for name in steps}
     for _ in range(2):
-        res["dpo"] += timed(dpo_step)
-        res["comal"] += timed(comal_step)
-        res["comal_kernel"] += timed(comal_kernel_step)
+        for name, fn in steps.items():
+            res[name] += timed(fn)
 
     def q(xs, f):
         return statistics.quantiles(xs, n=10)[int(f * 10) - 1] if len(xs) > 1 else xs[0]
@@ -135,19 +173,20 @@ def main():
           f"torch {torch.__version__}, dtype {ds.param_dtype}, ZeRO {a.zero_stage}")  # fmt: skip
     print(f"model: Llama hidden {a.hidden}, {a.layers} layers, vocab {len(tok)}; batch {mb} pairs, "
           f"{tokens} tokens per step (chosen + rejected, incl. prompt)\n")  # fmt: skip
-    print("| step | median ms | p20 ms | p80 ms | tokens/s |\n|---|---|---|---|---|")
+    print("| step | median ms | p20 ms | p80 ms | tokens/s | peak MB (one step) |\n|---|---|---|---|---|---|")
     med = {}
     rows = (
         ("dpo", "OpenRLHF DPOTrainer step (reference recomputed)"),
         ("comal", "COMAL step (cached log-probs, OpenRLHF log-prob path)"),
         ("comal_kernel", "COMAL step (cached log-probs, chunked torch kernel)"),
+        ("comal_linear", "COMAL step (cached log-probs, fused LM-head kernel: no logits)"),
     )
     for name, label in rows:
         xs = res[name]
         med[name] = statistics.median(xs)
         print(f"| {label} | {1e3 * med[name]:.1f} | {1e3 * q(xs, 0.2):.1f} | {1e3 * q(xs, 0.8):.1f} | "
-              f"{tokens / med[name]:.0f} |")  # fmt: skip
-    for name in ("comal", "comal_kernel"):
+              f"{tokens / med[name]:.0f} | {peak[name]:.1f} |")  # fmt: skip
+    for name in ("comal", "comal_kernel", "comal_linear"):
         ratio = med[name] / med["dpo"]
         verdict = "reached" if ratio <= 0.75 else "NOT reached"
         print(f"{name}/DPO step time ratio: {ratio:.3f} (target <= 0.75: {verdict})")
