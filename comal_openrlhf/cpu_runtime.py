@@ -1,7 +1,8 @@
 """Run OpenRLHF 0.11.2's DPO path on a machine without CUDA.
 
-OpenRLHF assumes CUDA in six places (see shared/spec/OPENRLHF.md, "Running on a CPU-only machine"). ``apply()``
-handles each one, and does nothing at all when ``torch.cuda.is_available()``:
+OpenRLHF assumes CUDA in six places (openrlhf/models/__init__.py, openrlhf/utils/deepspeed/deepspeed.py,
+openrlhf/cli/train_dpo.py's defaults) and bf16 hardware in a seventh. ``apply()`` handles each one, and does nothing
+at all when ``torch.cuda.is_available()``:
 
 1. ``openrlhf.models`` imports ``flash_attn.bert_padding`` / ``flash_attn.utils.distributed`` at import time. When
    flash-attn cannot be imported (no CUDA extension) a stand-in package with a real ``__spec__`` is registered
@@ -16,13 +17,20 @@ handles each one, and does nothing at all when ``torch.cuda.is_available()``:
 5. DeepSpeed would JIT-compile ``deepspeed_shm_comm`` and ``fused_adam`` with g++ (minutes): the shm op is marked
    incompatible (gloo is used) and AdamW runs as ``torch.optim.AdamW``; TORCH_EXTENSIONS_DIR points at a
    project-local folder so nothing is written to a shared cache.
-6. ``--ds.attn_implementation flash_attention_*`` becomes ``sdpa`` and ``--ds.param_dtype fp16`` becomes bf16
-   (fp16 is refused by DeepSpeed on CPU), each with a printed note; ``--ds.packing_samples`` is a clear error.
+6. ``--ds.attn_implementation flash_attention_*`` becomes ``sdpa`` and ``--ds.param_dtype fp16`` becomes bf16 (fp32
+   without native bf16; fp16 is refused by DeepSpeed on CPU), each with a printed note; ``--ds.packing_samples`` is a
+   clear error.
+7. bf16 arithmetic on a CPU without native bf16 is emulated and many times slower than fp32. ``--ds.param_dtype``
+   also accepts ``fp32`` (``allow_fp32``: OpenRLHF's ``convert_to_torch_dtype`` in openrlhf/utils/utils.py learns
+   it; DeepSpeed trains in fp32 when its bf16 and fp16 sections are both disabled, see
+   openrlhf/utils/deepspeed/deepspeed_utils.py), and when the flag was not given on such a CPU
+   (``cpu_has_native_bf16()`` False) the run uses fp32, saying so in one line.
 
 The plugin's entry points (``openrlhf.cli.train_comal``, ``python -m comal_openrlhf.run``) call ``apply()``;
 users never do.
 """
 
+import argparse
 import importlib.machinery
 import importlib.util
 import os
@@ -30,6 +38,94 @@ import sys
 import types
 
 _APPLIED = False
+DTYPE_FLAG = "--ds.param_dtype"
+GIVEN_KEY = "ds.param_dtype_given"  # set by the flag's action; hierarchized into args.ds.param_dtype_given
+DTYPE_HELP = (
+    " (comal: fp32 is accepted too. On a CPU without native bf16 - no avx512_bf16/amx_bf16 in /proc/cpuinfo, or "
+    "torch's CPU kernels not on their AVX512 path, e.g. ATEN_CPU_CAPABILITY=avx2 - bf16 is emulated and many times "
+    "slower, so a run that does not give this flag trains in fp32 and says so; pass --ds.param_dtype bf16 to force "
+    "bf16.)"
+)
+
+
+def cpu_has_native_bf16(cpuinfo="/proc/cpuinfo") -> bool:
+    """True when torch's CPU kernels can use native bf16 instructions here.
+
+    Both must hold: the CPU advertises avx512_bf16 or amx_bf16 (``cpuinfo`` flags), and torch dispatches to its
+    AVX512 kernels (``torch.backends.cpu.get_cpu_capability()``; ``ATEN_CPU_CAPABILITY=avx2`` pins the AVX2 path,
+    which has no bf16 instructions). Without a readable ``cpuinfo`` (not Linux) the answer is False.
+    """
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    if not {"avx512_bf16", "amx_bf16"} & set(flags):
+        return False
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
+
+
+def _patch_convert_dtype():
+    """``convert_to_torch_dtype`` (openrlhf/utils/utils.py) accepts "fp32"; Actor and get_llm_for_sequence_regression
+    look it up in the module at call time."""
+    import torch
+    from openrlhf.utils import utils
+
+    original = utils.convert_to_torch_dtype
+    if getattr(original, "_comal_fp32", False):
+        return
+
+    def convert_to_torch_dtype(param_dtype):
+        return torch.float32 if param_dtype == "fp32" else original(param_dtype)
+
+    convert_to_torch_dtype._comal_fp32 = True
+    utils.convert_to_torch_dtype = convert_to_torch_dtype
+
+
+class _DtypeAction(argparse._StoreAction):
+    """Stores the value and records that the user gave the flag (the default stays upstream's "bf16")."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, GIVEN_KEY, True)
+
+
+def allow_fp32(parser):
+    """Let ``--ds.param_dtype`` of an OpenRLHF parser take "fp32" and remember whether it was given.
+
+    Keeps the flag's default; appends to its help how the CPU default is chosen and how to force bf16.
+    """
+    action = next((a for a in parser._actions if DTYPE_FLAG in a.option_strings), None)
+    if action is None:
+        return parser
+    if action.choices is not None and "fp32" not in action.choices:
+        action.choices = list(action.choices) + ["fp32"]
+    if DTYPE_HELP not in (action.help or ""):
+        action.help = (action.help or "") + DTYPE_HELP
+    action.__class__ = _DtypeAction
+    parser.set_defaults(**{GIVEN_KEY: False})
+    _patch_convert_dtype()
+    return parser
+
+
+def _dtype_given(ds):
+    """Whether --ds.param_dtype was on the command line: recorded by ``allow_fp32``'s action, else (an upstream
+    parser run through comal_openrlhf.run) read from sys.argv, abbreviations included."""
+    given = getattr(ds, "param_dtype_given", None)
+    if given is not None:
+        return bool(given)
+    for tok in sys.argv[1:]:
+        name = tok.split("=", 1)[0]
+        if len(name) > len("--ds.pa") and DTYPE_FLAG.startswith(name):
+            return True
+    return False
+
+
+def _rank0_print(msg):
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, flush=True)
 
 
 def cuda_available() -> bool:
@@ -124,13 +220,28 @@ def adapt_args(args):
     if attn and ("flash" in attn or attn.startswith("kernels-community")):
         print(f"[comal cpu] --ds.attn_implementation {attn} needs CUDA; using sdpa.")
         ds.attn_implementation = "sdpa"
+    native_bf16 = cpu_has_native_bf16()
     if getattr(ds, "param_dtype", "bf16") == "fp16":
-        print("[comal cpu] --ds.param_dtype fp16 is not supported by DeepSpeed on CPU; using bf16.")
-        ds.param_dtype = "bf16"
+        fallback = "bf16" if native_bf16 else "fp32"
+        print(f"[comal cpu] --ds.param_dtype fp16 is not supported by DeepSpeed on CPU; using {fallback}.")
+        ds.param_dtype = fallback
+    elif getattr(ds, "param_dtype", "bf16") == "bf16" and not native_bf16 and not _dtype_given(ds):
+        _rank0_print(
+            "[comal cpu] no native bf16 on this CPU (torch CPU path "
+            f"{_capability()}): training in fp32, as bf16 would be emulated and many times slower; "
+            "pass --ds.param_dtype bf16 to force bf16."
+        )
+        ds.param_dtype = "fp32"
     if getattr(ds, "adam_offload", False):
         print("[comal cpu] --ds.adam_offload has no meaning without a GPU; ignored.")
         ds.adam_offload = False
     return args
+
+
+def _capability():
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def _patch_openrlhf_strategy():
@@ -179,5 +290,6 @@ def apply(force: bool = False) -> bool:
     _patch_torch_cuda()
     _patch_deepspeed()
     _patch_openrlhf_strategy()
+    _patch_convert_dtype()
     _APPLIED = True
     return True

@@ -1,12 +1,17 @@
-"""OpenRLHF's own train_dpo runs on CPU through comal_openrlhf.cpu_runtime (issue 2, section 2)."""
+"""OpenRLHF's own train_dpo runs on CPU through comal_openrlhf.cpu_runtime; on a CPU without native bf16 the runs
+train in fp32 unless --ds.param_dtype says otherwise."""
 
+import glob
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from _util import REPO, read_scalars, run_cmd, torchrun
+
+from comal_openrlhf import cpu_runtime
 
 TINY_FLAGS = [
     "--train.micro_batch_size", "2",
@@ -41,6 +46,7 @@ def _check_trained(out, tiny_model):
     assert torch.isfinite(trained(ids).logits).all()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("zero", [0, 2])
 def test_train_dpo_one_process(tmp_path, tiny_model, dpo_jsonl, zero):
     p = _train_dpo([sys.executable], tiny_model, dpo_jsonl, tmp_path, zero)
@@ -48,6 +54,7 @@ def test_train_dpo_one_process(tmp_path, tiny_model, dpo_jsonl, zero):
     _check_trained(tmp_path, tiny_model)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("zero", [2, 3])
 def test_train_dpo_two_processes_gloo(tmp_path, tiny_model, dpo_jsonl, zero):
     _train_dpo(torchrun(2), tiny_model, dpo_jsonl, tmp_path, zero)
@@ -104,6 +111,7 @@ print("OK")
     assert "OK" in p.stdout
 
 
+@pytest.mark.integration
 def test_openrlhf_bundled_suite_passes_with_plugin_installed(tmp_path):
     # OpenRLHF 0.11.2 ships its CPU tests as the top-level package `tests`; the plugin's .pth is active here.
     p = subprocess.run(
@@ -115,3 +123,98 @@ def test_openrlhf_bundled_suite_passes_with_plugin_installed(tmp_path):
     )
     assert p.returncode == 0, p.stdout[-4000:]
     assert " passed" in p.stdout and " failed" not in p.stdout
+
+
+# ------------------------------------------------------------------------------------------ bf16 or fp32
+
+
+def _cpuinfo(tmp_path, flags):
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {flags}\n\n")
+    return str(path)
+
+
+def test_native_bf16_needs_the_cpu_flag_and_torchs_avx512_path(tmp_path):
+    assert not cpu_runtime.cpu_has_native_bf16(_cpuinfo(tmp_path, "fpu sse2 avx2 avx512f avx512bw"))
+    assert not cpu_runtime.cpu_has_native_bf16(str(tmp_path / "no-such-file"))
+    on_avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert cpu_runtime.cpu_has_native_bf16(_cpuinfo(tmp_path, "avx2 avx512f avx512_bf16")) == on_avx512
+    assert cpu_runtime.cpu_has_native_bf16(_cpuinfo(tmp_path, "avx2 avx512f amx_bf16 amx_tile")) == on_avx512
+
+
+def test_native_bf16_is_false_on_torchs_avx2_path(tmp_path):
+    # ATEN_CPU_CAPABILITY=avx2 (what /work/shared/tools/as-avx2 sets) pins torch's AVX2 kernels: no native bf16,
+    # whatever the CPU flags say
+    code = (
+        "import sys, torch; from comal_openrlhf.cpu_runtime import cpu_has_native_bf16 as f; "
+        "print(torch.backends.cpu.get_cpu_capability(), f(sys.argv[1]), f())"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    fake = _cpuinfo(tmp_path, "avx2 avx512f avx512_bf16 amx_bf16")
+    p = subprocess.run([sys.executable, "-c", code, fake], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split() == ["AVX2", "False", "False"]
+
+
+def test_param_dtype_flag_takes_fp32_keeps_the_bf16_default_and_help_says_how_to_force_bf16():
+    from comal_openrlhf.cli.train_comal import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if "--ds.param_dtype" in a.option_strings)
+    assert action.default == "bf16" and list(action.choices) == ["bf16", "fp16", "fp32"]
+    assert "pass --ds.param_dtype bf16 to force bf16" in " ".join(action.help.split())
+    ns = vars(parser.parse_args([]))
+    assert ns["ds.param_dtype"] == "bf16" and ns["ds.param_dtype_given"] is False
+    for argv, value in ((["--ds.param_dtype", "fp32"], "fp32"), (["--ds.param_dtype=bf16"], "bf16")):
+        ns = vars(parser.parse_args(argv))
+        assert ns["ds.param_dtype"] == value and ns["ds.param_dtype_given"] is True
+
+
+@pytest.mark.parametrize(
+    "native, dtype, given, expected, note",
+    [
+        (False, "bf16", False, "fp32", True),  # the default on a CPU without native bf16: fp32, one line
+        (False, "bf16", True, "bf16", False),  # --ds.param_dtype bf16 given: kept
+        (False, "fp32", True, "fp32", False),
+        (False, "fp16", True, "fp32", False),  # fp16 cannot run on CPU: the fast dtype of this CPU
+        (True, "bf16", False, "bf16", False),  # native bf16: upstream's default stays
+        (True, "fp16", True, "bf16", False),
+    ],
+)
+def test_adapt_args_chooses_the_dtype(monkeypatch, capsys, native, dtype, given, expected, note):
+    monkeypatch.setattr(cpu_runtime, "cpu_has_native_bf16", lambda *a, **k: native)
+    monkeypatch.setenv("RANK", "0")
+    ds = SimpleNamespace(param_dtype=dtype, param_dtype_given=given)
+    cpu_runtime.adapt_args(SimpleNamespace(ds=ds))
+    assert ds.param_dtype == expected
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "no native bf16" in line]
+    assert len(lines) == (1 if note else 0), out
+    if note:
+        assert "training in fp32" in lines[0] and "--ds.param_dtype bf16" in lines[0]
+
+
+def test_fp32_is_a_torch_dtype_for_openrlhf():
+    cpu_runtime.apply()
+    from openrlhf.utils.utils import convert_to_torch_dtype
+
+    assert convert_to_torch_dtype("fp32") is torch.float32
+    assert convert_to_torch_dtype("bf16") is torch.bfloat16
+
+
+@pytest.mark.integration
+def test_train_comal_trains_in_fp32_on_the_avx2_path(tmp_path, tiny_model, dpo_jsonl):
+    from safetensors import safe_open
+
+    cmd = [sys.executable, "-m", "openrlhf.cli.train_comal", "--model.model_name_or_path", tiny_model]
+    cmd += ["--data.dataset", dpo_jsonl, "--ds.zero_stage", "2"] + TINY_FLAGS
+    cmd += ["--ckpt.output_dir", str(tmp_path / "final"), "--ckpt.path", str(tmp_path / "ckpt")]
+    p = run_cmd(cmd, cwd=str(tmp_path), env={"ATEN_CPU_CAPABILITY": "avx2"})
+    notes = [line for line in p.stdout.splitlines() if "no native bf16" in line]
+    assert len(notes) == 1 and "training in fp32" in notes[0] and "--ds.param_dtype bf16" in notes[0], p.stdout
+    assert "bf16_optimizer" not in p.stdout  # DeepSpeed's bf16 wrapper is not built
+    files = glob.glob(str(tmp_path / "final" / "*.safetensors"))
+    assert files
+    for path in files:
+        with safe_open(path, "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
