@@ -188,3 +188,15 @@ def resolve_plan(
 
     rule = pick("pair_rule", pair_rule, preset.get("pair_rule"), "all_soft")
     return Plan(algo, prox, r, K, int(L), int(n), betas, rule), source
+
+
+def plan_differences(old: dict, new: dict) -> list:
+    """[(setting, checkpoint value, this run's value)] for every plan setting that differs."""
+    out = []
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name), new.get(name)
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            a, b = list(a), list(b)
+        if a != b:
+            out.append((name, a, b))
+    return out

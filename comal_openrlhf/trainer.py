@@ -44,6 +44,7 @@ from comal_openrlhf.errors import BadInputError, NonFiniteLossError, PlanError
 from comal_openrlhf.logps import pair_logps
 from comal_openrlhf.losses import NEEDS_WIN_RATES, ProxLoss
 from comal_openrlhf.record import IterationRecord
+from comal_openrlhf.schedule import plan_differences
 from comal_openrlhf.weights import atomic_save, copy_weights, load_weights, state_dict_on_rank0
 
 ADVANCE_TOLERANCE = 1e-3  # policy vs anchor sequence log-probs right after ref <- pi (bf16 forwards, same weights)
@@ -650,18 +651,6 @@ class COMALTrainer(DPOTrainer):
         self.strategy.print(f"[comal] resume check: anchor log-probs match the cache within {err:.2e}")
         if err > ADVANCE_TOLERANCE:
             raise PlanError(f"the restored anchor does not reproduce the cached log-probs (max error {err})")
-
-
-def plan_differences(old: dict, new: dict) -> list:
-    """[(setting, checkpoint value, this run's value)] for every plan setting that differs."""
-    out = []
-    for name in sorted(set(old) | set(new)):
-        a, b = old.get(name), new.get(name)
-        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-            a, b = list(a), list(b)
-        if a != b:
-            out.append((name, a, b))
-    return out
 
 
 def eval_record(pairs) -> IterationRecord:
