@@ -541,22 +541,51 @@ def parse_args(argv=None):
     return hierarchize(build_parser().parse_args(argv))
 
 
+def _load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"cannot load the tokenizer of {path}: {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def _load_policy(path, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bf16" if device == "cuda" else "fp32"
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    tok = _load_tokenizer(path)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
     except (OSError, ValueError) as e:
-        raise BadInputError(f"--policies: cannot load {path}: {e}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+        raise BadInputError(f"cannot load the policy {path}: {e}") from None
     model.eval()
     return model, tok
+
+
+def vllm_sampler(a, path, seed):
+    """``rollout_vllm.VLLMSampler`` for checkpoint ``path`` from a phase command's flags (``--vllm.*``,
+    ``--rollout.*``, ``--dtype``); the engines load the checkpoint themselves."""
+    from types import SimpleNamespace
+
+    from comal_openrlhf.rollout_vllm import VLLMSampler
+
+    dtype = {"auto": "bf16", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[a.dtype]
+    args = SimpleNamespace(
+        vllm=a.vllm,
+        rollout=a.rollout,
+        ds=SimpleNamespace(param_dtype=dtype, zero_stage=0),
+        train=SimpleNamespace(seed=seed),
+        model=SimpleNamespace(model_name_or_path=path),
+        data=a.data,
+    )
+    return VLLMSampler(args, path, a.data.max_len)
 
 
 class _Work:
@@ -572,15 +601,13 @@ def sample_policy(name, path, prompts, formatter_of, total, a, cache_dir, work, 
     Returns (samples, model, tokenizer, prompt texts); the model is loaded only when something has to be generated
     or the caller needs it (``a._need_model``), else it is None."""
     ro = a.rollout
-    key = _key(_fingerprint(path), ro.temperature, ro.top_p, ro.max_new_tokens, ro.backend, a.seed)
+    key = _key(_fingerprint(path), ro.temperature, ro.top_p, ro.max_new_tokens, ro.backend, a.seed, a.dtype)
     cache_path = os.path.join(cache_dir, "generations", f"{name}-{key[:16]}.jsonl") if cache_dir else None
     model = tok = None
-    if a._need_model or cache_path is None or not os.path.exists(cache_path):
+    if a._need_model:
         model, tok = _load_policy(path, a.dtype)
     else:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = _load_tokenizer(path)
     formatter = formatter_of(tok)
     texts = [formatter.policy_text(r) for r in prompts]
     have = {}
@@ -596,14 +623,12 @@ def sample_policy(name, path, prompts, formatter_of, total, a, cache_dir, work, 
         if m:
             missing.setdefault(len(m), []).append(p)
     if missing:
-        if model is None:
+        if model is None and ro.backend != "vllm":  # vLLM engines load the checkpoint themselves
             model, tok = _load_policy(path, a.dtype)
         torch.manual_seed(int(_key(a.seed, name)[:8], 16))
         sampler = None
         if ro.backend == "vllm":
-            from comal_openrlhf.rollout_vllm import VLLMSampler
-
-            sampler = VLLMSampler(a, path, a.data.max_len)
+            sampler = vllm_sampler(a, path, a.seed)
         bs = max(1, ro.generate_batch_size)
         for count, idx in sorted(missing.items()):
             for s in range(0, len(idx), bs):
@@ -831,7 +856,7 @@ def evaluate(a):
     cells = [c for c in cells if c]
     totals = {key: sum(c[key] for c in cells) for key in new_counts()}
     totals["empty_responses"] = sum(
-        sum(not (isinstance(x, str) and x.strip()) for r in s[:n] for x in r[:n]) for s in samples.values()
+        sum(not (isinstance(x, str) and x.strip()) for r in s for x in r[:n]) for s in samples.values()
     )
     report = {
         "policies": {nm: os.path.abspath(p) for nm, p in policies},

@@ -150,14 +150,17 @@ def run(a):
     from tqdm import tqdm
 
     from comal_openrlhf.data import PromptFormatter, read_jsonl
-    from comal_openrlhf.evaluate import _load_policy, _repair_tail, as_sampler_input
+    from comal_openrlhf.evaluate import _load_policy, _load_tokenizer, _repair_tail, as_sampler_input
 
     shard, shards = parse_shard(a.shard)
     ro = a.rollout
     path = a.model.model_name_or_path
     policy = a.policy_id or os.path.basename(os.path.normpath(path))
     raw, skips = load_prompts(a)
-    model, tok = _load_policy(path, a.dtype)
+    if ro.backend == "vllm":  # the engines load the checkpoint themselves
+        model, tok = None, _load_tokenizer(path)
+    else:
+        model, tok = _load_policy(path, a.dtype)
     fmt = PromptFormatter(a.data, tok)
     kept, texts = [], []  # dataset rows that fit --data.max_len, as the online source filters them
     for i, r in enumerate(raw):
@@ -186,9 +189,9 @@ def run(a):
     torch.manual_seed((a.train.seed * 1_000_003 + (a.iteration or 0) * 1009 + shard) % 2**31)
     sampler = None
     if ro.backend == "vllm":
-        from comal_openrlhf.rollout_vllm import VLLMSampler
+        from comal_openrlhf.evaluate import vllm_sampler
 
-        sampler = VLLMSampler(a, path, a.data.max_len)
+        sampler = vllm_sampler(a, path, a.train.seed)
     written = 0
     bs = max(1, ro.generate_batch_size)
     os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
