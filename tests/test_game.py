@@ -15,7 +15,6 @@ from comal_openrlhf.game import (
     MatrixError,
     RulePairs,
     _log_multinomial,
-    _solve,
     duality_gap,
     kl,
     load_matrix,
@@ -255,16 +254,23 @@ def test_faithful_rules_take_the_exact_step(rule, prox):
     np.testing.assert_allclose(step, exact, atol=1e-8)  # both solved to gradient 1e-13 on an O(1) curvature
 
 
+class RenormalisedAllSoft(RulePairs):
+    """all_soft with each sample set's weights renormalised to sum 1: the old per-prompt normalisation (and the
+    expected loss of sampled with weight 1 per draw)."""
+
+    def of(self, counts):
+        rows = super().of(counts)
+        total = sum(r[5] for r in rows)
+        return [(*r[:5], r[5] / total) for r in rows] if total > 0 else rows
+
+
 def test_renormalised_weights_would_not_take_the_exact_step():
     # the old per-prompt renormalisation (weights c_i c_j / sum over the prompt's distinct pairs) moves the step
     P, _ = paper_game()
     log_mu = np.log(SKEWED)
-    rp = RulePairs(P, "all_soft", 5)
-    sets = sample_sets(3, 5)
-    table, set_of_pair = rp.table(sets, np.exp(_log_multinomial(sets, log_mu)))
-    share = np.array([sum(r[5] for r in rp.of(c)) for c in sets])  # each set's total weight
-    renorm = dict(table, weight=table["weight"] / np.where(share > 0, share, 1)[set_of_pair])
-    biased = _solve(log_mu, log_mu, 1.0, 0.1, "ipo", renorm)[0]
+    biased, _ = rule_step(
+        RenormalisedAllSoft(P, "all_soft", 5), log_mu, log_mu, 1.0, 0.1, "ipo", SKEWED, sample_sets(3, 5)
+    )
     exact = loss_step(P, log_mu, log_mu, 1.0, 0.1)
     assert np.abs(biased - exact).max() > 1e-2  # measured 3.6e-2 in log-probs
 
@@ -330,6 +336,24 @@ def test_pair_rules_on_the_paper_game(rule, init):
         assert res["duality_gap"] > 0.05  # measured: top2 0.0667 both, best_worst 0.0667 / 0.0869
     if rule == "top2":
         assert tv(res["policy"], np.ones(3) / 3) < 1e-5  # ends at the uniform policy
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("init", [None, SKEWED])
+def test_renormalised_weights_stall(init, monkeypatch):
+    monkeypatch.setattr("comal_openrlhf.game.RulePairs", RenormalisedAllSoft)
+    P, _ = paper_game()
+    res = run(P, "comal", "loss", "ipo", 600, 1.0, 0.1, 50, init, pairs="all_soft", samples=5)
+    assert res["duality_gap"] > 5e-3  # measured 8.9e-3 from both starts
+
+
+@pytest.mark.integration
+def test_comal_with_the_dpo_prox_does_not_converge():
+    # dpo's step is the prox of a Bradley-Terry reward, not of the win rate: on the intransitive game even COMAL
+    # keeps cycling (measured: gap between 0.23 and 0.77 over steps 300-600, 0.46 at step 600)
+    P, _ = paper_game()
+    res = run(P, "comal", "loss", "dpo", 600, 1.0, 0.1, 50, record_every=1)
+    assert min(g for k, g in res["gaps"] if k >= 300) > 0.1
 
 
 def test_bad_pair_arguments():
