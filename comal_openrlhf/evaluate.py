@@ -18,11 +18,12 @@ another empty one; identical responses tie (P = 1/2) without a judge call; a com
 ``JudgeError`` after the judge's own retries) is left out of the means and counted. Wins (P > 1/2), ties (P = 1/2)
 and losses are counted per cell.
 
-Exploitability estimate: for each prompt the judge picks the best of ``m`` of the policy's own samples (highest win
-rate against the other candidates, the ``top2`` statistic of comal_openrlhf.pairs), and that response is judged
-against ``k`` further, independent samples of the policy. E = P(y* beats pi) <= max_y P(y beats pi), so 2E - 1 is an
-estimate of a lower bound on the duality gap 2 max_y P(y beats pi) - 1 (0 exactly at a Nash policy), reported with
-its bootstrap interval.
+Exploitability estimate: for each prompt the judge picks a best response y* among candidates (the first ``m``
+samples of every evaluated policy, or with ``--eval.exploit_pool self`` of the policy itself): the one with the
+highest mean win probability against the policy's first ``m`` samples; y* is then judged against ``k`` further,
+independent samples of the policy. E = P(y* beats pi) <= max_y P(y beats pi), so 2E - 1 estimates a lower bound on
+the duality gap 2 max_y P(y beats pi) - 1 (0 exactly at a Nash policy), reported with its bootstrap interval. The
+bound is tight when the pool holds a best response (always the case on a small game whose options the pool covers).
 
 Exact mode (``table`` judges, a finite game): each policy's probability of every option is read from its sequence
 log-probs (``option_logps``); the report holds the exact distributions, duality gaps and head-to-head matrix. Mass on
@@ -347,37 +348,38 @@ def head_to_head(samples, judge_prompts, judge, both_orders=True, n_boot=1000, l
     return {"names": names, "cells": cells, "avg": avg, "errors": errors}
 
 
-def best_of_m(judge, judge_prompts, candidates, both_orders=True, counts=None, errors=None):
-    """Per prompt, the index of the candidate with the highest win rate against the other candidates (stable:
-    ties keep the first)."""
+def best_of_m(judge, judge_prompts, candidates, reference, both_orders=True, counts=None, errors=None):
+    """Per prompt, the index of the candidate with the highest mean P(candidate beats r) over the policy's samples r
+    in ``reference`` (stable: ties keep the first). Distinct candidates are judged once."""
     ps, xs, ys, where = [], [], [], []
-    for p, cands in enumerate(candidates):
-        iu, ju = np.triu_indices(len(cands), k=1)
-        ps += [judge_prompts[p]] * len(iu)
-        xs += [cands[i] for i in iu]
-        ys += [cands[j] for j in ju]
-        where.append((iu, ju))
+    for p, (cands, refs) in enumerate(zip(candidates, reference)):
+        distinct = list(dict.fromkeys(cands))
+        ps += [judge_prompts[p]] * (len(distinct) * len(refs))
+        xs += [c for c in distinct for _ in refs]
+        ys += [r for _ in distinct for r in refs]
+        where.append((distinct, len(refs)))
     probs = compare(judge, ps, xs, ys, both_orders, counts=counts, errors=errors)
     best, s = [], 0
-    for (iu, ju), cands in zip(where, candidates):
-        m = len(cands)
-        W = np.full((m, m), 0.5)
-        W[iu, ju] = probs[s : s + len(iu)]
-        W[ju, iu] = 1.0 - W[iu, ju]
-        s += len(iu)
+    for (distinct, n_ref), cands in zip(where, candidates):
+        block = probs[s : s + len(distinct) * n_ref].reshape(len(distinct), max(n_ref, 1)) if n_ref else None
+        s += len(distinct) * n_ref
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            score = np.nanmean(np.where(np.eye(m, dtype=bool), np.nan, W), axis=1) if m > 1 else np.zeros(1)
-        best.append(int(np.argmax(np.nan_to_num(score, nan=-1.0))))
+            score = np.nanmean(block, axis=1) if block is not None else np.zeros(len(distinct))
+        best.append(cands.index(distinct[int(np.argmax(np.nan_to_num(score, nan=-1.0)))]))
     return best
 
 
-def exploitability(judge, judge_prompts, candidates, opponents, both_orders=True, n_boot=1000, level=0.95, seed=0):
-    """Win rate E of the judge's best-of-m response (``candidates``: m samples per prompt) against independent
-    samples of the same policy (``opponents``: k per prompt), and the duality-gap lower-bound estimate 2E - 1, each
-    with its bootstrap interval."""
+def exploitability(
+    judge, judge_prompts, candidates, reference, opponents, both_orders=True, n_boot=1000, level=0.95, seed=0
+):
+    """Win rate E of the judge's best response among ``candidates`` (per prompt; chosen by its mean win probability
+    against ``reference``, m samples of the policy) against ``opponents`` (k further samples of the policy,
+    independent of the choice), and the duality-gap lower-bound estimate 2E - 1, each with its bootstrap interval.
+    The candidates are the policy's own m samples, or (``--eval.exploit_pool all``) those of every evaluated policy:
+    any response y gives P(y beats pi) <= max_y' P(y' beats pi), so every pool gives a lower bound."""
     counts, errors = new_counts(), []
-    best = best_of_m(judge, judge_prompts, candidates, both_orders, counts=new_counts(), errors=errors)
+    best = best_of_m(judge, judge_prompts, candidates, reference, both_orders, counts=new_counts(), errors=errors)
     k = min(map(len, opponents)) if opponents else 0
     ps = [judge_prompts[p] for p in range(len(opponents)) for _ in range(k)]
     xs = [candidates[p][best[p]] for p in range(len(opponents)) for _ in range(k)]
@@ -391,8 +393,10 @@ def exploitability(judge, judge_prompts, candidates, opponents, both_orders=True
         "gap_estimate": 2 * est - 1,
         "gap_ci_low": 2 * lo - 1,
         "gap_ci_high": 2 * hi - 1,
-        "m": min(map(len, candidates)) if candidates else 0,
+        "candidates": min(map(len, candidates)) if candidates else 0,
+        "m": min(map(len, reference)) if reference else 0,
         "opponents": k,
+        "best_responses": [candidates[p][best[p]] for p in range(min(len(candidates), 5))],
         "counts": counts,
         "errors": errors,
     }
@@ -514,10 +518,21 @@ def build_parser():
     g.add_argument("--eval.bootstrap", type=int, default=1000, help="Bootstrap resamples for the intervals")
     g.add_argument("--eval.level", type=float, default=0.95, help="Confidence level of the intervals")
     g.add_argument(
-        "--eval.exploit_m", type=int, default=8, help="Candidates per prompt for the best-of-m response (0 = off)"
+        "--eval.exploit_m",
+        type=int,
+        default=8,
+        help="Samples per policy and prompt used as best-response candidates and as the policy's reference samples "
+        "the candidates are scored against (0 = no exploitability estimate)",
     )
     g.add_argument(
         "--eval.exploit_samples", type=int, default=16, help="Independent samples the best-of-m response plays"
+    )
+    g.add_argument(
+        "--eval.exploit_pool",
+        choices=("all", "self"),
+        default="all",
+        help="Candidates of the best response: the first m samples of every evaluated policy (all) or of the "
+        "policy itself (self); chosen by their win rate against the policy's first m samples",
     )
     g.add_argument(
         "--eval.exact",
@@ -839,9 +854,12 @@ def evaluate(a):
     if m:
         for name in samples:
             s = samples[name]
+            pool = [name] if ev.exploit_pool == "self" else list(samples)
+            cands = [[x for nm in pool for x in samples[nm][p][:m]] for p in range(len(raw_prompts))]
             expl[name] = exploitability(
                 judge,
                 judge_prompts,
+                cands,
                 [r[:m] for r in s],
                 [r[m : m + k] for r in s],
                 both,

@@ -135,13 +135,23 @@ def test_head_to_head_matrix_is_exact_on_fixed_samples():
 
 
 def test_exploitability_picks_the_best_candidate():
-    # candidates: b beats the policy's samples (mostly a) most often; opponents fixed, so E is exact
+    # scores against the reference a, b, a, c: a 0.475, b 0.6, c 0.45, so b; opponents fixed, so E is exact
     cands = [["a", "b", "a", "c"]]
     opps = [["a", "a", "b", "c"]]
-    e = exploitability(paper_judge(), [PROMPT], cands, opps, n_boot=200)
+    e = exploitability(paper_judge(), [PROMPT], cands, cands, opps, n_boot=200)
     assert e["best_of_m_winrate"] == pytest.approx((0.9 + 0.9 + 0.5 + 0.1) / 4, abs=8 * EPS)  # b ties b
     assert e["gap_estimate"] == pytest.approx(2 * e["best_of_m_winrate"] - 1, abs=8 * EPS)
-    assert e["m"] == 4 and e["opponents"] == 4
+    assert e["m"] == 4 and e["opponents"] == 4 and e["best_responses"] == ["b"]
+
+
+def test_exploitability_of_a_deterministic_policy_needs_other_candidates():
+    """A policy that always answers a: its own samples hold no better response (estimate 0), the pool of another
+    policy's samples holds b, the best response: 2 * 0.9 - 1 = 0.8, the exact gap."""
+    own = [["a"] * 4]
+    alone = exploitability(paper_judge(), [PROMPT], own, own, own, n_boot=100)
+    assert alone["gap_estimate"] == 0.0
+    pooled = exploitability(paper_judge(), [PROMPT], [["a"] * 4 + ["c", "b", "a", "c"]], own, own, n_boot=100)
+    assert pooled["best_responses"] == ["b"] and abs(pooled["gap_estimate"] - 0.8) < 8 * EPS
 
 
 def test_exact_matrix_of_the_extended_game():
