@@ -1,8 +1,9 @@
 """Prox losses of COMAL (Liu et al., "COMAL: A Convergent Meta-Algorithm for Aligning LLMs with General
-Preferences", arXiv 2410.23223), as specified in shared/spec/COMAL.md section 4. Plain PyTorch: nothing here
-knows OpenRLHF.
+Preferences", arXiv 2410.23223): the preference-optimisation losses the paper uses as prox operators. Plain
+PyTorch: nothing here knows OpenRLHF.
 
-Each loss trains the policy pi towards one inner step of the regularised game (COMAL.md section 2)
+Each loss trains the policy pi towards one inner step of the KL-regularised game (mirror descent, as in INPO,
+arXiv 2407.00617, and the paper's inner solver)
 
     mu_{k+1}(y)  ~  mu_k(y)^(1 - eta*tau) * ref(y)^(eta*tau) * exp(eta * P(y > mu_k))
 
@@ -26,7 +27,7 @@ NEEDS_WIN_RATES = {"sppo", "rebel"}
 
 
 def prox_centre(mu: torch.Tensor, ref: torch.Tensor, r: float) -> torch.Tensor:
-    """log C = (1 - r) log mu + r log ref (COMAL.md section 4), on log-prob tensors.
+    """log C = (1 - r) log mu + r log ref, the prox centre, on log-prob tensors.
 
     C is a geometric mixture and is unnormalised when r > 0 and mu != ref; the pair losses only see differences,
     so the missing log-partition cancels for them (not for sppo).
@@ -35,7 +36,7 @@ def prox_centre(mu: torch.Tensor, ref: torch.Tensor, r: float) -> torch.Tensor:
 
 
 def ipo_loss(h: torch.Tensor, beta: float, soft_label: torch.Tensor | None = None) -> torch.Tensor:
-    """IPO prox loss (COMAL.md section 4; Azar et al. 2023 Eq. 17 with the prox centre as reference).
+    """IPO prox loss (Azar et al., arXiv 2310.12036, Eq. 17, with the prox centre as reference; INPO's loss).
 
     hard: (h - c)^2,  c = 1/(2 beta)
     soft: p (h - c)^2 + (1 - p)(h + c)^2,  p = soft_label = P(y_w > y_l)
@@ -52,7 +53,7 @@ def ipo_loss(h: torch.Tensor, beta: float, soft_label: torch.Tensor | None = Non
 def dpo_loss(
     h: torch.Tensor, beta: float, label_smoothing: float = 0.0, soft_label: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """DPO prox loss (COMAL.md section 4; Rafailov et al. 2023 Eq. 7, label smoothing as in OpenRLHF's DPOLoss).
+    """DPO prox loss (Rafailov et al., arXiv 2305.18290, Eq. 7; label smoothing as in OpenRLHF's DPOLoss).
 
     hard: -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)
     soft: -p log sigmoid(beta h) - (1 - p) log sigmoid(-beta h),  p = soft_label (label_smoothing is then unused)
@@ -65,7 +66,7 @@ def dpo_loss(
 
 
 def sppo_loss(rw: torch.Tensor, rl: torch.Tensor, p_w: torch.Tensor, p_l: torch.Tensor, beta: float) -> torch.Tensor:
-    """SPPO prox loss (COMAL.md section 4; Wu et al. 2024, self-play preference optimisation).
+    """SPPO prox loss (Wu et al., arXiv 2405.00675, self-play preference optimisation).
 
     1/2 [(rw - (p_w - 1/2)/beta)^2 + (rl - (p_l - 1/2)/beta)^2],  rw = log pi(y_w) - log C(y_w), rl likewise,
 
@@ -76,7 +77,7 @@ def sppo_loss(rw: torch.Tensor, rl: torch.Tensor, p_w: torch.Tensor, p_l: torch.
 
 
 def rebel_loss(h: torch.Tensor, p_w: torch.Tensor, p_l: torch.Tensor, beta: float) -> torch.Tensor:
-    """REBEL prox loss (COMAL.md section 4; Gao et al. 2024, regression of relative rewards).
+    """REBEL prox loss (Gao et al., arXiv 2404.16767, regression of relative rewards).
 
     (h - (p_w - p_l)/beta)^2,  p_w, p_l = win rates P(y > mu).
 

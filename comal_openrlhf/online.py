@@ -198,7 +198,8 @@ class OnlineSource(IterationSource):
                 judge_prompts=[self.formatter.judge_text(self.prompts[i]) for i in idx],
                 origin=f"iteration {k}",
             )
-            payload = [(pairs, pstats.as_dict())]
+            counters = {f"judge_{name}": v for name, v in self.judge.stats().items()}  # e.g. remote retries
+            payload = [(pairs, {**pstats.as_dict(), **counters})]
         if world > 1:
             dist.broadcast_object_list(payload, src=0)
         pairs, pstats = payload[0]

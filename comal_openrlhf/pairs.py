@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from comal_openrlhf.judges.base import judge_pairs
+from comal_openrlhf.judges.base import is_antisymmetric, judge_pairs
 
 RULES = ("top2", "best_worst", "sampled", "all_soft")
 
@@ -99,7 +99,7 @@ class PairStats:
     invalid_responses: int = 0
     duplicates_merged: int = 0  # valid responses identical to an earlier one of the same prompt
     pairs: int = 0
-    judge_calls: int = 0  # ordered comparisons asked of the judge (2 per pair with both orders)
+    judge_calls: int = 0  # ordered comparisons asked of the judge (2 per pair with both orders, unless antisymmetric)
 
     def as_dict(self):
         return asdict(self)
@@ -180,7 +180,8 @@ def build_pairs(
         kept.append((prompt, list(counts), np.array(list(counts.values()), dtype=np.float64), judge_prompt))
 
     matrices = _win_matrices(judge, [(jp, u) for _, u, _, jp in kept], both_orders, batch_size)
-    stats.judge_calls = sum(len(u) * (len(u) - 1) // 2 for _, u, _, _ in kept) * (2 if both_orders else 1)
+    orders = 2 if both_orders and not is_antisymmetric(judge) else 1  # judge_pairs asks one order then
+    stats.judge_calls = sum(len(u) * (len(u) - 1) // 2 for _, u, _, _ in kept) * orders
 
     pairs = []
     for (prompt, u, c, _), W in zip(kept, matrices):

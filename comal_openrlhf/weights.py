@@ -1,9 +1,10 @@
 """Moving weights between the policy and the anchor reference under DeepSpeed ZeRO 0, 2 and 3.
 
-The reference advance of COMAL (ref <- pi every K iterations, COMAL.md section 2) is a parameter copy. Under ZeRO 0
+The reference advance of COMAL (ref <- pi every K iterations, arXiv 2410.23223) is a parameter copy. Under ZeRO 0
 and 2 every rank holds full parameters and copies locally. Under ZeRO-3 parameters are partitioned: each copy sits
 inside ``deepspeed.zero.GatheredParameters([p, q], modifier_rank=0)`` so rank 0's write is re-partitioned to every
-rank; without ``modifier_rank`` the write is silently lost (OPENRLHF.md).
+rank; without ``modifier_rank`` the write is silently lost (the flaw of openrlhf/utils/deepspeed/deepspeed.py
+``moving_average``, which gathers without it).
 """
 
 import os

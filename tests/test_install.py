@@ -1,4 +1,4 @@
-"""Launch names survive a regular (non-editable) install and never live in OpenRLHF's own directory (issue 3)."""
+"""Launch names survive a regular (non-editable) install and never live in OpenRLHF's own directory."""
 
 import glob
 import os

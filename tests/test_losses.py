@@ -1,4 +1,4 @@
-"""Prox losses (comal_openrlhf/losses.py, COMAL.md section 4): hand-computed values, reductions to the hard forms
+"""Prox losses (comal_openrlhf/losses.py): hand-computed values, reductions to the hard forms
 and to OpenRLHF's DPOLoss, and the population minimiser of the ipo loss = the closed-form prox step."""
 
 import math
@@ -17,7 +17,6 @@ from comal_openrlhf.losses import (
     rebel_loss,
     sppo_loss,
 )
-
 from comal_openrlhf.record import PairBatch
 
 T = lambda *x: torch.tensor(x, dtype=torch.float64)

@@ -340,7 +340,9 @@ def train(args):
     run_dir = RunDirectory(args.ckpt.path, args.ckpt.output_dir, is_rank_0=strategy.is_rank_0())
     on_all_ranks(lambda: run_dir.lock(say=strategy.print), strategy)  # a second run on the same directories is refused
     try:
-        _train(args, strategy, run_dir)
+        trainer = build_trainer(args, strategy, run_dir)
+        trainer.fit()
+        strategy.save_model(trainer.model, trainer.tokenizer, args.ckpt.output_dir)
     finally:
         run_dir.unlock()
 
@@ -363,7 +365,9 @@ def on_all_ranks(fn, strategy):
         raise error
 
 
-def _train(args, strategy, run_dir):
+def build_trainer(args, strategy, run_dir):
+    """Models, tokenizer, plan, source and trainer of a run, resumed from its checkpoint where asked; ready to fit.
+    The directories are checked here: a fresh run does not mix with an earlier run's files."""
     # openrlhf.models (and so the trainer) imports flash_attn at import time: on a CPU-only machine the CPU runtime
     # (applied by main) must come first, so these imports stay here rather than at the top of the module
     from openrlhf.models import Actor
@@ -471,8 +475,7 @@ def _train(args, strategy, run_dir):
     if not resumed:  # a fresh run must not write into an earlier run's history and checkpoints
         on_all_ranks(lambda: run_dir.prepare_fresh(overwrite=args.comal.overwrite, say=strategy.print), strategy)
     os.makedirs(args.ckpt.output_dir, exist_ok=True)
-    trainer.fit()
-    strategy.save_model(model, tokenizer, args.ckpt.output_dir)
+    return trainer
 
 
 def main(argv=None):
