@@ -1,6 +1,6 @@
 """Iteration sources and the pair dataset: where each COMAL iteration's preference pairs come from.
 
-One iteration of COMAL (arXiv 2410.23223, Algorithm 1) needs pairs (y_w, y_l) of responses to prompts x. A source
+One iteration of COMAL (arXiv 2410.23223) needs pairs (y_w, y_l) of responses to prompts x. A source
 yields them as ``comal_openrlhf.pairs.Pair`` (``IterationSource.pairs(k, policy)``); ``PairDataset`` tokenises them
 with OpenRLHF's ``RewardDataset`` (openrlhf/datasets/reward_dataset.py). Sources:
 

@@ -1,5 +1,5 @@
-"""Online COMAL iterations: sample from the current policy, judge, build pairs (arXiv 2410.23223, Algorithm 1,
-the sampling and preference steps of each iteration).
+"""Online COMAL iterations: sample from the current policy, judge, build pairs (arXiv 2410.23223: the sampling and
+preference steps of each iteration).
 
 ``OnlineSource.pairs(k, policy)`` is the online iteration source of comal_openrlhf.data's interface:
 

@@ -1,6 +1,6 @@
 """The iteration record: one COMAL iteration's pairs as named tensors (plain PyTorch, no OpenRLHF).
 
-One iteration k of COMAL (arXiv 2410.23223, Algorithm 1 with the prox step of its Eq. (4)) trains the policy on
+One iteration k of COMAL (arXiv 2410.23223: one prox step of the KL-regularised game) trains the policy on
 pairs (y_w, y_l) of prompts x. The record holds, per pair i:
 
     chosen_winrate, rejected_winrate   P(y > mu_k) of each side (NaN when unknown)

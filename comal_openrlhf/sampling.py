@@ -1,4 +1,4 @@
-"""Sampling responses from a policy with HF ``generate``: step 1 of a COMAL iteration (arXiv 2410.23223, Algorithm 1:
+"""Sampling responses from a policy with HF ``generate``: the sampling step of a COMAL iteration (arXiv 2410.23223:
 responses y ~ mu_k(. | x)), shared by the online source, ``python -m comal_openrlhf.generate`` and the evaluate
 command.
 

@@ -1,6 +1,6 @@
 """The COMAL outer loop as data: presets, rounds, reference advances and the beta schedule.
 
-COMAL (arXiv 2410.23223, Algorithm 1) runs iterations k = 0..N-1. Each iteration solves one prox step of the
+COMAL (the meta-algorithm of arXiv 2410.23223) runs iterations k = 0..N-1. Each iteration solves one prox step of the
 KL-regularised game around the prox centre log C = (1 - r) log mu_k + r log ref (r = eta * tau, beta = 1/eta), and
 every K iterations the anchor reference advances, ref <- pi (the conceptual prox method the paper builds on). The
 paper's v2 recipe changes beta between rounds of iterations (18 iterations in 3 rounds of 6, beta 0.002 in round 1

@@ -1,4 +1,4 @@
-"""COMAL on OpenRLHF: the outer loop of arXiv 2410.23223 (Algorithm 1) over OpenRLHF's DPO trainer.
+"""COMAL on OpenRLHF: the outer loop of the COMAL meta-algorithm (arXiv 2410.23223) over OpenRLHF's DPO trainer.
 
 One iteration k, each stage a method of ``COMALTrainer`` named after its step:
 
@@ -6,7 +6,7 @@ One iteration k, each stage a method of ``COMALTrainer`` named after its step:
 2. ``precompute``      the iteration record: the pairs with log mu_k(y) and log ref(y) of every response, computed
                        once (OpenRLHF's DPOTrainer recomputes the reference at every step; here neither is);
 3. ``train``           ``--train.max_epochs`` passes of the prox loss around log C = (1 - r) log mu_k + r log ref
-                       (comal_openrlhf.losses; the prox step of the regularised game, the paper's Eq. (4)), with a
+                       (comal_openrlhf.losses: the prox step mu_k+1 ~ mu_k^(1-r) ref^r exp(P(y > mu_k)/beta)), with a
                        fresh optimizer state and learning-rate schedule: each iteration is its own prox problem;
 4. ``evaluate``        the held-out prox loss with the anchor as centre (``--eval.dataset``);
 5. ``keep_best``       at the end of a round, with ``--comal.keep_best``, the policy returns to the round's iterate
@@ -209,7 +209,7 @@ class COMALTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------- the loop
     def fit(self, args=None, consumed_samples=0, num_update_steps_per_epoch=None):
-        """Algorithm 1 of arXiv 2410.23223: for each iteration k, the stages of the module docstring."""
+        """The COMAL meta-algorithm (arXiv 2410.23223): for each iteration k, the stages of the module docstring."""
         bar = tqdm(
             total=self.plan.iterations,
             initial=self.iteration,
