@@ -51,10 +51,15 @@ DTYPE_HELP = (
 def cpu_has_native_bf16(cpuinfo="/proc/cpuinfo") -> bool:
     """True when torch's CPU kernels can use native bf16 instructions here.
 
-    Both must hold: the CPU advertises avx512_bf16 or amx_bf16 (``cpuinfo`` flags), and torch dispatches to its
-    AVX512 kernels (``torch.backends.cpu.get_cpu_capability()``; ``ATEN_CPU_CAPABILITY=avx2`` pins the AVX2 path,
-    which has no bf16 instructions). Without a readable ``cpuinfo`` (not Linux) the answer is False.
+    All must hold: the CPU advertises avx512_bf16 or amx_bf16 (``cpuinfo`` flags); torch dispatches to its AVX512
+    kernels (``torch.backends.cpu.get_cpu_capability()``; ``ATEN_CPU_CAPABILITY=avx2`` pins the AVX2 path, which has
+    no bf16 instructions); and oneDNN, which runs torch's bf16 matmuls and picks its own code path, is not capped
+    below bf16 by ``ONEDNN_MAX_CPU_ISA`` / ``DNNL_MAX_CPU_ISA``. Without a readable ``cpuinfo`` (not Linux) the
+    answer is False.
     """
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    if isa not in ("ALL", "DEFAULT") and not any(x in isa for x in ("BF16", "AMX", "AVX10")):
+        return False
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])

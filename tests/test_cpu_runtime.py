@@ -142,6 +142,15 @@ def test_native_bf16_needs_the_cpu_flag_and_torchs_avx512_path(tmp_path):
     assert cpu_runtime.cpu_has_native_bf16(_cpuinfo(tmp_path, "avx2 avx512f amx_bf16 amx_tile")) == on_avx512
 
 
+def test_native_bf16_is_false_when_onednn_is_capped_below_bf16(tmp_path, monkeypatch):
+    # torch's bf16 matmuls run in oneDNN, which ignores ATEN_CPU_CAPABILITY: ONEDNN_MAX_CPU_ISA=AVX2 emulates bf16
+    flags = _cpuinfo(tmp_path, "avx2 avx512f avx512_bf16")
+    on_avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    for isa, native in (("AVX2", False), ("AVX512_CORE", False), ("AVX512_CORE_BF16", on_avx512), ("ALL", on_avx512)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+        assert cpu_runtime.cpu_has_native_bf16(flags) == native, isa
+
+
 def test_native_bf16_is_false_on_torchs_avx2_path(tmp_path):
     # ATEN_CPU_CAPABILITY=avx2 (what /work/shared/tools/as-avx2 sets) pins torch's AVX2 kernels: no native bf16,
     # whatever the CPU flags say
