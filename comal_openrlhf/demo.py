@@ -3,8 +3,9 @@
     python -m comal_openrlhf.demo [--game paper|FILE.json] [--algos comal,inpo,iter-ipo,iter-dpo] [--out DIR] [--json]
 
 1. A tiny Llama and a word-level tokenizer whose words include the game's options are built locally (no hub).
-2. SFT warm start: the model is fitted to a skewed distribution over the options (``--init``, default 0.6,0.3,0.1)
-   for the prompt "question pick one ?".
+2. SFT warm start: the model is fitted to a skewed distribution over the options (``--init``; by default weights
+   proportional to the triangular numbers T(n), ..., T(2), T(1) for n options, T(k) = k(k+1)/2: (0.6, 0.3, 0.1) for
+   three options, (0.5, 0.3, 0.15, 0.05) for four) for the prompt "question pick one ?".
 3. Each algorithm runs ``python -m openrlhf.cli.train_comal`` (the same code path as any user's run) with the online
    source: every iteration samples ``--samples`` responses from the current policy, the ``table`` judge gives
    P(y beats y') from the game matrix, all pairs with soft labels (``all_soft``) weighted by mu_k(y) mu_k(y'), the
@@ -16,10 +17,18 @@
 
 Defaults (eta = 4, r = eta*tau = 0.6, K = 4, 24 iterations) were chosen with the tabular game lab
 (``python -m comal_openrlhf.game``), where the same schedule reaches a gap below 1e-4 from both of the paper's starts.
+
+Reproducibility: a seed fixes the result on a given machine. Every process runs one CPU thread, with torch's
+deterministic algorithms (``--train.full_determinism_enable`` in the training runs); the SFT warm start, the model's
+initial weights and each run's sampling are seeded; the algorithms run as separate processes, so their order and
+parallelism (``--jobs``) change nothing. Across CPUs results differ: torch picks its kernels (AVX2, AVX512, native
+bf16) from the CPU, and their rounding differs. Training runs in bf16 where the CPU has native bf16, else in fp32
+(``--dtype``).
 """
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import subprocess
@@ -28,8 +37,35 @@ import time
 
 import numpy as np
 
+from comal_openrlhf._cli import json_stdout
+
 PROMPT = "question pick one ?"
 ALGOS = ("comal", "inpo", "iter-ipo", "iter-dpo")
+
+
+def default_init(n):
+    """The default SFT target for n options: weights T(n), ..., T(2), T(1) with T(k) = k(k+1)/2, normalised.
+
+    Skewed, full support, and (0.6, 0.3, 0.1) for n = 3.
+    """
+    w = np.array([k * (k + 1) / 2 for k in range(n, 0, -1)], dtype=np.float64)
+    return (w / w.sum()).tolist()
+
+
+@contextlib.contextmanager
+def deterministic_torch(seed, threads=1):
+    """One CPU thread, torch's deterministic algorithms, seeded RNG; the previous settings come back afterwards."""
+    import torch
+
+    prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det)
 
 
 def sft_warm_start(path, labels, target, seed, steps=400):
@@ -37,37 +73,45 @@ def sft_warm_start(path, labels, target, seed, steps=400):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from comal_openrlhf.evaluate import option_logps
+    from comal_openrlhf.evaluate import option_logps, option_logps_tensor
 
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    prompt = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
-    q = torch.tensor(target, dtype=torch.float64)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        with torch.enable_grad():
-            lp = _option_logps_grad(model, tok, prompt, labels)
-            loss = -(q.float() * lp).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    lp = option_logps(model, tok, prompt, labels)
-    model.save_pretrained(path)
+    with deterministic_torch(seed):
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+        )
+        q = torch.tensor(target, dtype=torch.float32)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(steps):
+            with torch.enable_grad():
+                loss = -(q * option_logps_tensor(model, tok, prompt, labels)).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        model.eval()
+        lp = option_logps(model, tok, prompt, labels)
+        model.save_pretrained(path)
     mass = np.exp(lp)
     return (mass / mass.sum()).tolist(), float(1 - mass.sum())
 
 
-def _option_logps_grad(model, tok, prompt, labels):
+def training_dtype(choice):
+    """(dtype, note): bf16 with CUDA or a CPU with native bf16, else fp32; an explicit bf16/fp32 is kept."""
+    if choice != "auto":
+        return choice, None
     import torch
 
-    pl = len(tok(prompt, add_special_tokens=False)["input_ids"])
-    seqs = [tok(prompt + lab + " " + tok.eos_token, add_special_tokens=False)["input_ids"] for lab in labels]
-    ids = torch.tensor(seqs)  # one token per label: equal lengths
-    logp = torch.log_softmax(model(ids).logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return logp[:, pl - 1 :].sum(-1)
+    from comal_openrlhf.cpu_runtime import cpu_has_native_bf16
+
+    if torch.cuda.is_available() or cpu_has_native_bf16():
+        return "bf16", None
+    cap = torch.backends.cpu.get_cpu_capability()
+    return "fp32", (
+        f"[demo] no native bf16 on this CPU (torch CPU path {cap}): training in fp32, as bf16 would be emulated "
+        "and many times slower; --dtype bf16 forces bf16"
+    )
 
 
 def algo_flags(algo, a):
@@ -91,16 +135,18 @@ def run_algo(algo, a, model_dir, prompts, game_spec, out):
     cmd += ["--model.beta", str(1.0 / a.eta), "--train.micro_batch_size", "16", "--train.batch_size", "16"]
     cmd += ["--train.max_epochs", str(a.steps), "--adam.lr", str(a.lr), "--lr_scheduler", "constant"]
     cmd += ["--lr_warmup_ratio", "0", "--max_norm", "10", "--ds.zero_stage", "0", "--train.seed", str(a.seed)]
+    cmd += ["--train.full_determinism_enable", "--ds.param_dtype", a.dtype]
     cmd += ["--ckpt.output_dir", os.path.join(work, "final"), "--ckpt.path", os.path.join(work, "ckpt")]
     cmd += [
         "--comal.mass_coef",
         "1.0",
         "--comal.no_iteration_ckpt",
+        "--comal.overwrite",  # the demo owns --out: a second `make demo` replaces the first run
         "--logger.tensorboard_dir",
         os.path.join(out, "tb"),
     ]
     cmd += ["--logger.wandb.run_name", algo] + algo_flags(algo, a)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
     with open(os.path.join(work, "train.log"), "w") as log:
         p = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -119,7 +165,13 @@ def parse_args(argv=None):
     p.add_argument("--out", default="comal_demo", help="output directory (plot, JSON, logs, models)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress goes to stderr)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init", default="0.6,0.3,0.1", help="SFT target distribution over the options")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="SFT target distribution over the options, comma-separated positive numbers (normalised). Default: "
+        "proportional to T(n), ..., T(2), T(1) with T(k) = k(k+1)/2 for a game of n options: 0.6,0.3,0.1 for 3, "
+        "0.5,0.3,0.15,0.05 for 4",
+    )
     p.add_argument("--iterations", type=int, default=24)
     p.add_argument("--eta", type=float, default=4.0, help="step size eta = 1/beta")
     p.add_argument("--ref-weight", dest="ref_weight", type=float, default=0.6, help="r = eta * tau (comal, inpo)")
@@ -127,16 +179,36 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=64, help="responses sampled per iteration")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per iteration (passes over the pairs)")
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--jobs", type=int, default=2, help="algorithms trained in parallel")
+    p.add_argument(
+        "--jobs", type=int, default=2, help="algorithms trained in parallel (the results do not depend on it)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="training dtype (--ds.param_dtype). auto: bf16 on CUDA or on a CPU with native bf16 (avx512_bf16 or "
+        "amx_bf16 and torch on its AVX512 path), else fp32, said in one line; --dtype bf16 forces bf16",
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None):
     a = parse_args(argv)
+    # --json: stdout carries the one JSON object; every other line, whoever prints it, goes to stderr
+    with json_stdout(a.json) as emit:
+        report = run_demo(a)
+        if a.json:
+            emit(report)
+    return report
+
+
+def run_demo(a):
     from comal_openrlhf.game import MatrixError, duality_gap, load_matrix, solve_nash
     from comal_openrlhf.tiny import DEFAULT_WORDS, build_tiny_llama
 
-    say = (lambda *m: print(*m, file=sys.stderr, flush=True)) if a.json else (lambda *m: print(*m, flush=True))
+    def say(*m):
+        print(*m, flush=True)
+
     try:
         P, labels = load_matrix(a.game)
     except (MatrixError, ValueError, OSError) as e:
@@ -148,10 +220,19 @@ def main(argv=None):
         raise SystemExit(f"error: --algos takes a comma-separated subset of {','.join(ALGOS)}, got {a.algos!r}")
     if any(not lab.isalnum() for lab in labels):
         raise SystemExit(f"error: option labels must be single words for the demo's tokenizer, got {labels}")
-    init = [float(x) for x in a.init.split(",")]
-    if len(init) != len(labels) or any(x <= 0 for x in init):
-        raise SystemExit(f"error: --init needs {len(labels)} positive numbers (full support), got {a.init!r}")
-    init = list(np.array(init) / sum(init))
+    if a.init is None:
+        init = default_init(len(labels))
+    else:
+        try:
+            init = [float(x) for x in a.init.split(",")]
+        except ValueError:
+            init = []
+        if len(init) != len(labels) or not all(np.isfinite(x) and x > 0 for x in init):
+            raise SystemExit(f"error: --init needs {len(labels)} positive numbers (full support), got {a.init!r}")
+        init = (np.array(init) / sum(init)).tolist()
+    a.dtype, note = training_dtype(a.dtype)
+    if note:
+        say(note)
 
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
@@ -189,11 +270,13 @@ def main(argv=None):
         [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
     )
     report = {"game": a.game, "labels": labels, "nash": nash.tolist(), "start": {"policy": start}, "algorithms": {}}
+    report["settings"] = {"seed": a.seed, "init": init, "param_dtype": a.dtype, "cpu_capability": _capability()}
     report["start"]["duality_gap"] = float(duality_gap(P, np.array(start)))
     for algo in algos:
         work, hist, secs = results[algo]
-        model = AutoModelForCausalLM.from_pretrained(os.path.join(work, "final"))
-        rep = game_report(model, tok, prompt_text, P, labels)
+        with deterministic_torch(a.seed):
+            model = AutoModelForCausalLM.from_pretrained(os.path.join(work, "final"))
+            rep = game_report(model, tok, prompt_text, P, labels)
         curve = [[h["iteration"], h["game_gap"]] for h in hist] + [[len(hist), rep["duality_gap"]]]
         report["algorithms"][algo] = {**rep, "gaps": curve, "seconds": round(secs, 1)}
     names = ["start"] + algos
@@ -215,9 +298,13 @@ def main(argv=None):
     for r in names:
         say(f"| {r} | " + " | ".join(f"{report['head_to_head'][r][c]:.3f}" for c in names) + " |")
     say(f"\n[demo] {report['seconds']} s; plot {out}/gap.png, JSON {out}/demo.json")
-    if a.json:
-        print(json.dumps(report))
     return report
+
+
+def _capability():
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else torch.backends.cpu.get_cpu_capability()
 
 
 def _plot(report, path):
