@@ -20,10 +20,11 @@ and losses are counted per cell.
 
 Exploitability estimate: for each prompt the judge picks a best response y* among candidates (the first ``m``
 samples of every evaluated policy, or with ``--eval.exploit_pool self`` of the policy itself): the one with the
-highest mean win probability against the policy's first ``m`` samples; y* is then judged against ``k`` further,
+highest mean win probability against the policy's ``n`` matrix samples; y* is then judged against ``k`` further,
 independent samples of the policy. E = P(y* beats pi) <= max_y P(y beats pi), so 2E - 1 estimates a lower bound on
 the duality gap 2 max_y P(y beats pi) - 1 (0 exactly at a Nash policy), reported with its bootstrap interval. The
-bound is tight when the pool holds a best response (always the case on a small game whose options the pool covers).
+bound is tight when the pool holds a best response and the n samples tell it apart from the other candidates; a
+wrong pick only lowers the estimate.
 
 Exact mode (``table`` judges, a finite game): each policy's probability of every option is read from its sequence
 log-probs (``option_logps``); the report holds the exact distributions, duality gaps and head-to-head matrix. Mass on
@@ -521,18 +522,21 @@ def build_parser():
         "--eval.exploit_m",
         type=int,
         default=8,
-        help="Samples per policy and prompt used as best-response candidates and as the policy's reference samples "
-        "the candidates are scored against (0 = no exploitability estimate)",
+        help="Samples per policy and prompt used as best-response candidates, scored against the policy's "
+        "--rollout.n_samples_per_prompt samples (0 = no exploitability estimate)",
     )
     g.add_argument(
-        "--eval.exploit_samples", type=int, default=16, help="Independent samples the best-of-m response plays"
+        "--eval.exploit_samples",
+        type=int,
+        default=16,
+        help="Further samples of the policy (independent of the choice) that the best response plays",
     )
     g.add_argument(
         "--eval.exploit_pool",
         choices=("all", "self"),
         default="all",
         help="Candidates of the best response: the first m samples of every evaluated policy (all) or of the "
-        "policy itself (self); chosen by their win rate against the policy's first m samples",
+        "policy itself (self)",
     )
     g.add_argument(
         "--eval.exact",
@@ -802,8 +806,8 @@ def evaluate(a):
     ev, ro = a.eval, a.rollout
     if ro.n_samples_per_prompt < 1:
         raise BadInputError("--rollout.n_samples_per_prompt must be >= 1")
-    if ev.exploit_m == 1 or ev.exploit_m < 0 or (ev.exploit_m and ev.exploit_samples < 1):
-        raise BadInputError("--eval.exploit_m must be 0 (off) or >= 2, with --eval.exploit_samples >= 1")
+    if ev.exploit_m < 0 or (ev.exploit_m and ev.exploit_samples < 1):
+        raise BadInputError("--eval.exploit_m must be 0 (off) or >= 1, with --eval.exploit_samples >= 1")
     raw_prompts, skips = load_prompts(a)
     judge_prompts = [PromptFormatter.judge_text(r) for r in raw_prompts]
     base_judge = build_judge(a.judge)
@@ -819,7 +823,8 @@ def evaluate(a):
     )
     judge = CachedJudge(base_judge, os.path.join(cache_dir, "judgements", f"{jkey[:16]}.jsonl") if cache_dir else None)
     n, m, k = ro.n_samples_per_prompt, ev.exploit_m, ev.exploit_samples if ev.exploit_m else 0
-    total = max(n, m + k)
+    first_opponent = max(n, m)  # opponents are drawn after every sample the choice of y* looked at
+    total = first_opponent + k
     a._need_model = exact_on
 
     def formatter_of(tok):
@@ -860,8 +865,8 @@ def evaluate(a):
                 judge,
                 judge_prompts,
                 cands,
-                [r[:m] for r in s],
-                [r[m : m + k] for r in s],
+                [r[:n] for r in s],
+                [r[first_opponent:total] for r in s],
                 both,
                 ev.bootstrap,
                 ev.level,
