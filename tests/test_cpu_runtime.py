@@ -61,6 +61,7 @@ def test_train_dpo_two_processes_gloo(tmp_path, tiny_model, dpo_jsonl, zero):
     _check_trained(tmp_path, tiny_model)
 
 
+@pytest.mark.integration
 def test_packing_is_refused_with_a_clear_message(tmp_path, tiny_model, dpo_jsonl):
     cmd = [sys.executable, "-m", "comal_openrlhf.run", "openrlhf.cli.train_dpo", "--ds.packing_samples"]
     cmd += ["--model.model_name_or_path", tiny_model, "--data.dataset", dpo_jsonl]
@@ -89,6 +90,7 @@ print("UNCHANGED")
     assert "UNCHANGED" in p.stdout
 
 
+@pytest.mark.integration
 def test_flash_attn_stand_in_has_a_spec_and_no_triton_ce():
     code = r"""
 import importlib.util
