@@ -28,7 +28,11 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Optional
 
+import datasets
 import torch
+from openrlhf.datasets import RewardDataset
+from openrlhf.datasets.reward_dataset import preprocess_data
+from openrlhf.datasets.utils import blending_datasets
 
 from comal_openrlhf.errors import DataError, PlanError
 from comal_openrlhf.pairs import Pair
@@ -127,8 +131,6 @@ class RowFormatter:
     """Validate one raw pair row and format it with OpenRLHF's own ``preprocess_data`` (templates, chat template)."""
 
     def __init__(self, data_args, tokenizer, max_len, need_winrates=False):
-        from openrlhf.datasets.reward_dataset import preprocess_data
-
         self._preprocess = preprocess_data
         self.tokenizer = tokenizer
         self.max_len = max_len
@@ -259,8 +261,6 @@ def read_jsonl(path, max_line_bytes=None, skips: Optional[SkipLog] = None):
 def load_train_data(args, strategy):
     """``--data.dataset`` through OpenRLHF's ``blending_datasets``, as train_dpo reads it (probabilities, split,
     ``--data.max_samples``)."""
-    from openrlhf.datasets.utils import blending_datasets
-
     data = blending_datasets(
         args.data.dataset,
         args.data.dataset_probs,
@@ -389,9 +389,6 @@ class PairDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, pairs, tokenizer, max_len):
-        import datasets
-        from openrlhf.datasets import RewardDataset
-
         # The pairs are already formatted (RowFormatter), so RewardDataset only tokenises: plain keys, no template.
         plain = SimpleNamespace(
             args=SimpleNamespace(

@@ -19,6 +19,8 @@ import os
 import sys
 from datetime import datetime  # noqa: F401  (train_dpo's parser statements use it)
 
+from openrlhf.datasets.utils import blending_datasets
+
 from comal_openrlhf import cpu_runtime
 from comal_openrlhf.data import OfflineSource, PairDataset, RowFormatter, SkipLog, StaticSource
 from comal_openrlhf.errors import BadInputError, COMALError, PlanError
@@ -260,8 +262,6 @@ def make_source(args, strategy, tokenizer, plan):
 
 def load_eval_pairs(args, strategy, tokenizer, prox):
     """``--eval.dataset`` (split ``--eval.split``) as pairs, validated like the training pairs."""
-    from openrlhf.datasets.utils import blending_datasets
-
     data = blending_datasets(args.eval.dataset, None, strategy, dataset_split=args.eval.split)
     formatter = RowFormatter(args.data, tokenizer, args.data.max_len, need_winrates=prox in NEEDS_WIN_RATES)
     skips = SkipLog()
