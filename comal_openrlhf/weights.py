@@ -11,6 +11,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from transformers import PreTrainedModel
 
 
 def _is_zero3(param):
@@ -22,7 +23,10 @@ def _rank():
 
 
 def unwrap(model):
-    """The HF module inside an OpenRLHF Actor / DeepSpeed engine."""
+    """The HF module inside an OpenRLHF Actor / DeepSpeed engine; a bare HF model is returned as it is (its own
+    ``.model`` attribute is the backbone without the LM head, not a wrapper)."""
+    if isinstance(model, PreTrainedModel):
+        return model
     model = getattr(model, "model", model)  # Actor -> engine or HF model
     return getattr(model, "module", model)  # engine -> HF model
 
