@@ -131,6 +131,7 @@ class COMALTrainer(DPOTrainer):
         disable_ds_ckpt=False,
         eval_dataset=None,
         run_dir=None,
+        winrate_probe=None,
     ):
         super().__init__(
             model=model,
@@ -154,6 +155,7 @@ class COMALTrainer(DPOTrainer):
         self.settings = settings
         self.eval_dataset = eval_dataset
         self.run_dir = run_dir
+        self.winrate_probe = winrate_probe
         self.loss_fn = ProxLoss(plan.prox, plan.beta_at(0), plan.ref_weight, args.model.label_smoothing)
         # what a resume must find unchanged: the algorithm's settings, the source of the pairs and the judge
         self.run_settings = {**plan.as_dict(), "source": source.describe()}
@@ -210,6 +212,8 @@ class COMALTrainer(DPOTrainer):
     # ------------------------------------------------------------------- the loop
     def fit(self, args=None, consumed_samples=0, num_update_steps_per_epoch=None):
         """The COMAL meta-algorithm (arXiv 2410.23223): for each iteration k, the stages of the module docstring."""
+        if self.winrate_probe is not None:
+            self.winrate_probe.start(self)
         bar = tqdm(
             total=self.plan.iterations,
             initial=self.iteration,
@@ -426,6 +430,14 @@ class COMALTrainer(DPOTrainer):
         Returns {} without an eval dataset."""
         if self.eval_dataset is None:
             return {}
+        logs = self._heldout_loss()
+        if self.winrate_probe is not None and self.winrate_probe.due(self.iteration):
+            logs.update(self.winrate_probe(self))
+        self._log("eval", logs, self.iteration)
+        return logs
+
+    @torch.no_grad()
+    def _heldout_loss(self):
         dataset, record = self.eval_dataset
         self.model.eval()
         pad = self.tokenizer.pad_token_id
@@ -450,9 +462,7 @@ class COMALTrainer(DPOTrainer):
         self.model.train()
         totals = self.strategy.all_reduce({"loss": loss_sum, "hits": hits, "n": float(n)}, op="sum")
         n = max(totals["n"], 1)
-        logs = {"eval_loss": totals["loss"] / n, "eval_accuracy": totals["hits"] / n}
-        self._log("eval", logs, self.iteration)
-        return logs
+        return {"eval_loss": totals["loss"] / n, "eval_accuracy": totals["hits"] / n}
 
     # --------------------------------------------------- stage 5: keep best
     def keep_best(self, k, logs):
@@ -658,3 +668,64 @@ def eval_record(pairs) -> IterationRecord:
     record = IterationRecord.from_pairs(pairs)
     zeros = torch.zeros(len(record))
     return record.with_logps(zeros, zeros, zeros, zeros)
+
+
+class WinrateProbe:
+    """``--eval.winrate_every N``: every N iterations, the judge's win rate of the policy against the start policy
+    and against the current anchor on held-out prompts (``comal_openrlhf.evaluate.winrate``, bootstrap interval
+    over prompts). The start policy's samples are drawn once, before any training, and kept beside the checkpoints
+    (a resumed run reuses them). Every rank samples (ZeRO-3 forwards are collective); rank 0 judges and the result
+    is broadcast."""
+
+    def __init__(self, judge, prompts, every, n_samples, rollout, single_order=False):
+        self.judge, self.prompts, self.every, self.n = judge, list(prompts), int(every), int(n_samples)
+        self.sampling = dict(
+            temperature=rollout.temperature,
+            top_p=rollout.top_p,
+            max_new_tokens=rollout.max_new_tokens,
+            batch_size=rollout.generate_batch_size,
+        )
+        self.both_orders = not single_order
+        self.start_samples = None
+
+    def due(self, k):
+        return (k + 1) % self.every == 0
+
+    def _generate(self, trainer, actor):
+        from comal_openrlhf.sampling import generate
+
+        zero3 = getattr(trainer.args.ds, "zero_stage", 0) == 3 and dist.is_initialized()
+        return generate(actor, trainer.tokenizer, self.prompts, self.n, synced_gpus=zero3, **self.sampling)
+
+    def start(self, trainer):
+        """Sample the start policy (call before the first training step; a resume reloads the saved samples)."""
+        path = os.path.join(trainer.state_dir, "winrate_start_samples.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                self.start_samples = json.load(f)
+            return
+        self.start_samples = self._generate(trainer, trainer.model)
+        if trainer.strategy.is_rank_0():
+            os.makedirs(trainer.state_dir, exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(self.start_samples, f)
+            os.replace(path + ".tmp", path)
+
+    def __call__(self, trainer):
+        from comal_openrlhf.evaluate import winrate
+
+        mine = self._generate(trainer, trainer.model)
+        anchor = self._generate(trainer, trainer.ref_model)
+        box = [None]
+        if trainer.strategy.is_rank_0():
+            logs = {}
+            for name, opponent in (("start", self.start_samples), ("anchor", anchor)):
+                wr = winrate(mine, opponent, self.prompts, self.judge, trainer.tokenizer, n_samples=self.n,
+                             both_orders=self.both_orders)  # fmt: skip
+                logs[f"winrate_vs_{name}"] = wr.mean
+                logs[f"winrate_vs_{name}_ci_low"] = wr.ci_low
+                logs[f"winrate_vs_{name}_ci_high"] = wr.ci_high
+            box = [logs]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]

@@ -95,3 +95,20 @@ def test_vllm_backend_refuses_cleanly_what_cpu_vllm_cannot_run(tmp_path, game_mo
     p = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
     out = p.stderr + p.stdout
     assert p.returncode != 0 and ("head_dim 8" in out or "needs vLLM" in out) and "Traceback" not in p.stderr
+
+
+def test_winrate_against_start_and_anchor_is_logged(tmp_path, game_model):
+    rows = [{"prompt": "question pick one ?", "chosen": "a", "rejected": "b"}] * 2
+    eval_set = write_jsonl(tmp_path / "eval.jsonl", rows)
+    cmd = _online_cmd([sys.executable], game_model, tmp_path, "--ds.zero_stage", "2", "--eval.dataset", eval_set)
+    cmd += ["--eval.split", "train", "--eval.winrate_every", "1", "--eval.winrate_samples", "4"]
+    cmd += ["--logger.tensorboard_dir", str(tmp_path / "tb")]
+    run_cmd(cmd, cwd=str(tmp_path))
+    h = _history(tmp_path)
+    for r in h:
+        for name in ("start", "anchor"):
+            low, mid, high = (r[f"winrate_vs_{name}{s}"] for s in ("_ci_low", "", "_ci_high"))
+            assert 0.0 <= low <= mid <= high <= 1.0
+    from _util import read_scalars
+
+    assert len(read_scalars(str(tmp_path / "tb"), "eval/winrate_vs_start")) == 2

@@ -24,6 +24,7 @@ from openrlhf.datasets.utils import blending_datasets
 from comal_openrlhf import cpu_runtime
 from comal_openrlhf.data import OfflineSource, PairDataset, RowFormatter, SkipLog, StaticSource
 from comal_openrlhf.errors import BadInputError, COMALError, PlanError
+from comal_openrlhf.judges import build_judge
 from comal_openrlhf.logps import LOGPS_KERNELS
 from comal_openrlhf.losses import NEEDS_WIN_RATES
 from comal_openrlhf.online import OnlineSource, add_online_args
@@ -146,6 +147,20 @@ def add_comal_args(parser):
         default=False,
         help="With --eval.dataset: at the end of each round the policy returns to the round's iterate with the "
         "lowest held-out prox loss (the official pipeline kept its best checkpoint)",
+    )
+    g.add_argument(
+        "--eval.winrate_every",
+        type=int,
+        default=0,
+        help="Every N iterations, sample the policy, the start policy and the current anchor on --eval.dataset's "
+        "prompts and log the judge's win rate of the policy against each (eval/winrate_vs_start, "
+        "eval/winrate_vs_anchor, with bootstrap intervals; needs --judge.kind). 0 = off",
+    )
+    g.add_argument(
+        "--eval.winrate_prompts", type=int, default=32, help="Prompts of --eval.dataset used by --eval.winrate_every"
+    )
+    g.add_argument(
+        "--eval.winrate_samples", type=int, default=2, help="Samples per prompt and policy for --eval.winrate_every"
     )
     g.add_argument(
         "--comal.accept_plan_change",
@@ -323,6 +338,10 @@ def check_settings(args, plan, strategy):
         raise PlanError("reference advances copy full weights; LoRA (--ds.lora.rank > 0) is not supported")
     if args.comal.keep_best and not getattr(args.eval, "dataset", None):
         raise PlanError("--comal.keep_best picks iterates by their held-out loss: it needs --eval.dataset")
+    if args.eval.winrate_every < 0 or args.eval.winrate_prompts < 1 or args.eval.winrate_samples < 1:
+        raise PlanError("--eval.winrate_every must be >= 0, --eval.winrate_prompts and _samples >= 1")
+    if args.eval.winrate_every and not (getattr(args.eval, "dataset", None) and args.judge.kind):
+        raise PlanError("--eval.winrate_every samples --eval.dataset's prompts and needs a judge: --judge.kind")
     if args.model.label_smoothing > 0 and plan.prox != "dpo":
         strategy.print(
             f"[comal] warning: --model.label_smoothing {args.model.label_smoothing} has no effect on the "
@@ -373,7 +392,7 @@ def build_trainer(args, strategy, run_dir):
     from openrlhf.models import Actor
     from openrlhf.utils import get_tokenizer
 
-    from comal_openrlhf.trainer import COMALTrainer, TrainerSettings, eval_record
+    from comal_openrlhf.trainer import COMALTrainer, TrainerSettings, WinrateProbe, eval_record
 
     model = Actor(
         args.model.model_name_or_path,
@@ -440,6 +459,13 @@ def build_trainer(args, strategy, run_dir):
     )
     (model, optim, scheduler), ref_model = strategy.prepare((model, cfg), ref_model)
 
+    winrate_probe = None
+    if args.eval.winrate_every:
+        judge = source.judge if isinstance(source, OnlineSource) else build_judge(args.judge)
+        prompts = list(dict.fromkeys(p.prompt for p in eval_pairs))[: args.eval.winrate_prompts]
+        winrate_probe = WinrateProbe(
+            judge, prompts, args.eval.winrate_every, args.eval.winrate_samples, args.rollout, args.judge.single_order
+        )
     rollout = getattr(args, "rollout", None)
     settings = TrainerSettings(
         logps_kernel=args.comal.logps_kernel,
@@ -465,6 +491,7 @@ def build_trainer(args, strategy, run_dir):
         save_hf_ckpt=args.ckpt.save_hf,
         disable_ds_ckpt=args.ckpt.disable_ds,
         eval_dataset=eval_dataset,
+        winrate_probe=winrate_probe,
     )
     resumed = False
     if args.ckpt.load_enable and os.path.exists(args.ckpt.path):
