@@ -183,7 +183,7 @@ def run(a):
     if os.path.exists(a.output):
         _repair_tail(a.output)
         for line, row in read_jsonl(a.output):
-            if row.get("policy") == policy:
+            if row.get("policy") == policy and row.get("iteration") == a.iteration:
                 done[row["position"]] = done.get(row["position"], 0) + 1
     todo = [(pos, j) for pos, j in mine if done.get(pos, 0) < ro.n_samples_per_prompt]
     torch.manual_seed((a.train.seed * 1_000_003 + (a.iteration or 0) * 1009 + shard) % 2**31)

@@ -303,3 +303,13 @@ def test_winrate_on_in_memory_models(game_models):
     assert r.counts["comparisons"] == 200 and len(r.counts["samples_a"][0]) == 200
     fixed = winrate([["b"] * 3], [["a"] * 3], [text], paper_judge(), tok, n_samples=3)
     assert fixed.mean == fixed.ci_low == fixed.ci_high and abs(fixed.mean - 0.9) < 4 * EPS  # both orders averaged
+
+
+@pytest.mark.integration
+def test_bad_input_is_one_message_not_a_traceback(tmp_path, tiny_model):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"question": PROMPT}])
+    cmd = [sys.executable, "-m", "comal_openrlhf.evaluate", "--policies", tiny_model, "--data.dataset", prompts]
+    cmd += ["--judge.kind", "table", "--judge.table", "paper", "--out", str(tmp_path / "ev"), "--json"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stdout == ""
+    assert "missing prompt key 'prompt'" in p.stderr and "Traceback" not in p.stderr

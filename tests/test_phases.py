@@ -199,6 +199,8 @@ def test_generate_judge_train_two_iterations(tmp_path):
             cmd += ["--shard", shard, "--output", str(tmp_path / f"s{k}.{shard[0]}.jsonl"), "--json"]
             out = json.loads(run_cmd(cmd, cwd=REPO).stdout)
             assert out["samples_written"] == 4 and out["prompts"] == 1
+        again = json.loads(run_cmd(cmd, cwd=REPO).stdout)  # a rerun finds its samples and adds none
+        assert again["samples_written"] == 0 and again["samples_kept"] == 4
         rows = _rows(tmp_path / f"s{k}.0.jsonl") + _rows(tmp_path / f"s{k}.1.jsonl")
         assert sorted(r["position"] for r in rows) == [0] * 4 + [1] * 4
         assert {r["prompt_index"] for r in rows} == set(iteration_slice(3, k, 2))
