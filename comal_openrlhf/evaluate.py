@@ -738,6 +738,17 @@ def markdown(report):
     return "\n".join(lines)
 
 
+def strict_json(obj):
+    """``obj`` with NaN / inf floats replaced by None, so the JSON is standard (no ``NaN`` tokens)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def write_outputs(report, out):
     os.makedirs(out, exist_ok=True)
     m = report["matrix"]
@@ -756,7 +767,7 @@ def write_outputs(report, out):
             a = m["avg"][r]
             w.writerow([r, "avg", a["winrate"], a["ci_low"], a["ci_high"], ""] + [""] * len(keys))
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(report, f, indent=1)
+        json.dump(strict_json(report), f, indent=1)
     with open(os.path.join(out, "matrix.md"), "w") as f:
         f.write(markdown(report) + "\n")
     heatmap(report, os.path.join(out, "heatmap.png"))
@@ -928,7 +939,7 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         if a.json:
-            emit(report)
+            emit(strict_json(report))
     if not a.json:
         print(markdown(report))
     return report

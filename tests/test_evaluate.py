@@ -180,6 +180,13 @@ def test_cached_judge_answers_from_disk_and_repairs_a_torn_line(tmp_path):
     assert inner2.asked == 1 and all(json.loads(x) for x in open(path))
 
 
+def test_strict_json_has_no_nan_tokens():
+    from comal_openrlhf.evaluate import strict_json
+
+    out = json.dumps(strict_json({"a": [math.nan, 1.0, {"b": math.inf}], "c": "x"}), allow_nan=False)
+    assert out == '{"a": [null, 1.0, {"b": null}], "c": "x"}'
+
+
 def test_policy_specs():
     assert parse_policy_specs(["a=/x/y", "/m/sft/"]) == [("a", "/x/y"), ("sft", "/m/sft/")]
     with pytest.raises(ValueError, match="duplicate"):
