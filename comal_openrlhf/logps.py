@@ -10,8 +10,8 @@ arXiv 2410.23223, section 2), prompt and padding masked out exactly as OpenRLHF'
 - ``linear``: the model's backbone runs to the last hidden state and ``comal_openrlhf.kernels.linear_sequence_logps``
   computes the log-probs from it and the LM head's weight in token chunks, so the B x L x V logits of the micro-batch
   (the largest tensor of a step at a 128k vocabulary) never exist. Tied embeddings need nothing special (the head's
-  weight is the embedding's parameter and receives both gradients); a ZeRO-3 partitioned head is gathered around
-  each use (forward and backward) with ``deepspeed.zero.GatheredParameters``.
+  weight is the embedding's parameter and receives both gradients); a ZeRO-3 partitioned head is gathered and
+  released by DeepSpeed's hooks on the head module, through which the computation is called.
 """
 
 import contextlib
@@ -50,7 +50,9 @@ def sequence_logps(actor, input_ids, attention_mask, prompt_lens, kernel="openrl
 
 
 def lm_head_parts(model):
-    """(backbone, head) of a Hugging Face causal LM whose logits are exactly head(backbone(...)[0])."""
+    """(backbone, head) of a Hugging Face causal LM whose logits are exactly head(backbone(...)[0]); ``model`` may be
+    wrapped in a DeepSpeed engine (OpenRLHF's strategy replaces ``Actor.model`` by one)."""
+    model = getattr(model, "module", model)
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if backbone is None or head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
@@ -74,40 +76,29 @@ def _linear_logps(model, input_ids, attention_mask, position_ids, mask, temperat
     backbone, head = lm_head_parts(model)
     out = backbone(input_ids, attention_mask=attention_mask, position_ids=position_ids)
     hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
-    weight, bias = head.weight, head.bias if isinstance(getattr(head, "bias", None), torch.Tensor) else None
-    gather = contextlib.nullcontext
-    if hasattr(weight, "ds_id"):  # ZeRO-3: partitioned across ranks, gathered around each use
-        import deepspeed
+    bias = head.bias if isinstance(getattr(head, "bias", None), torch.Tensor) else None
 
-        params = [weight] + ([bias] if bias is not None else [])
+    def head_forward(h):
+        return linear_sequence_logps(h, head.weight, input_ids[:, 1:], mask, bias=bias, temperature=temperature)
 
-        def gather():
-            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-    return linear_sequence_logps(
-        hidden[:, :-1], weight, input_ids[:, 1:], mask, bias=bias, temperature=temperature, gather=gather
-    )
-
-
-def pad_cat(a, b, value):
-    """Concatenate two right-padded batches along dim 0, padding the shorter to the longer length."""
-    n = max(a.shape[1], b.shape[1])
-
-    def pad(t):
-        return torch.nn.functional.pad(t, (0, n - t.shape[1]), value=value)
-
-    return torch.cat([pad(a), pad(b)], dim=0)
+    if not hasattr(head.weight, "ds_id"):
+        return head_forward(hidden[:, :-1])
+    # ZeRO-3: the head's weight is partitioned across ranks. Calling the head module (with this computation as its
+    # forward) lets DeepSpeed's own module hooks gather the weight for the forward, gather it again before the
+    # backward and release it after its gradient has been reduced, as they do for the logits path.
+    with _forward_replaced(head, head_forward):
+        return head(hidden[:, :-1])
 
 
-def pair_logps(actor, batch, pad_token_id, kernel="openrlhf"):
-    """Chosen and rejected sequence log-probs of a PairDataset batch in one concatenated forward.
-
-    Returns (chosen_sum, rejected_sum, chosen_mean); the mean feeds OpenRLHF's optional NLL term.
-    """
-    chosen_ids, c_mask, reject_ids, r_mask, prompt_lens = batch[:5]
-    device = next(actor.parameters()).device
-    ids = pad_cat(chosen_ids.squeeze(1), reject_ids.squeeze(1), pad_token_id).to(device)
-    att = pad_cat(c_mask.squeeze(1), r_mask.squeeze(1), 0).to(device)
-    total, mean = sequence_logps(actor, ids, att, list(prompt_lens) * 2, kernel)
-    n = chosen_ids.shape[0]
-    return total[:n], total[n:], mean[:n]
+@contextlib.contextmanager
+def _forward_replaced(module, forward):
+    had = "forward" in vars(module)
+    saved = vars(module).get("forward")
+    module.forward = forward
+    try:
+        yield module
+    finally:
+        if had:
+            module.forward = saved
+        else:
+            del module.forward

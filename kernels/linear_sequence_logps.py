@@ -39,7 +39,6 @@ tokens, V=128,256, d=4096, bf16; the FLOP floor of forward + backward, 6NdV, is 
   kernel is kept; the row kernels used now take 32-39 registers (48-59 for the paired one) and never spill.
 """
 
-import contextlib
 import importlib
 
 import torch
@@ -100,21 +99,17 @@ def _backward(hidden, weight, bias, labels, lse, g, temperature, backend, active
 
 
 class LinearSequenceLogpsFunction(torch.autograd.Function):
-    """(hidden N x d, weight V x d, bias) -> masked token log-probs (N, fp32); see the module docstring.
-
-    ``gather`` is a context-manager factory entered around every use of the weight (forward and backward): for a
-    weight partitioned across ranks (DeepSpeed ZeRO-3) it gathers the full V x d weight for the duration."""
+    """(hidden N x d, weight V x d, bias) -> masked token log-probs (N, fp32); see the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, mask, temperature, backend, gather):
+    def forward(ctx, hidden, weight, bias, labels, mask, temperature, backend):
         active = mask.nonzero().squeeze(1)  # one device sync: the GEMMs skip prompt and padding rows
-        with gather():
-            logp, lse = _forward(hidden, weight, bias, labels, mask, temperature, backend, active)
+        logp, lse = _forward(hidden, weight, bias, labels, mask, temperature, backend, active)
         ctx.save_for_backward(hidden, labels, mask, lse, active)
-        # Weight and bias are kept as attributes, not saved tensors: a gathered ZeRO-3 parameter's storage is
-        # released when the gather ends and is gathered again in the backward.
+        # Weight and bias are kept as attributes, not saved tensors: a partitioned parameter (DeepSpeed ZeRO-3)
+        # swaps its storage between the forward and the backward, and is gathered again before the backward.
         ctx.weight, ctx.bias = weight, bias
-        ctx.temperature, ctx.backend, ctx.gather = temperature, backend, gather
+        ctx.temperature, ctx.backend = temperature, backend
         return logp
 
     @staticmethod
@@ -122,43 +117,30 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
         hidden, labels, mask, lse, active = ctx.saved_tensors
         g = (grad_logp.float() * mask).contiguous()
         weight, bias = ctx.weight, ctx.bias
-        with ctx.gather():
-            dh, dw, db = _backward(hidden, weight, bias, labels, lse, g, ctx.temperature, ctx.backend, active)
+        dh, dw, db = _backward(hidden, weight, bias, labels, lse, g, ctx.temperature, ctx.backend, active)
         db = db.to(bias.dtype) if db is not None else None
-        return dh.to(hidden.dtype), dw, db, None, None, None, None, None
+        return dh.to(hidden.dtype), dw, db, None, None, None, None
 
 
-def linear_sequence_logps(
-    hidden, weight, labels, mask, bias=None, temperature=1.0, backend="auto", gather=contextlib.nullcontext
-):
+def linear_sequence_logps(hidden, weight, labels, mask, bias=None, temperature=1.0, backend="auto"):
     """Per-sequence sum and mean of masked token log-probs of softmax((hidden @ weight^T + bias) / T).
 
     Args:
         hidden: B x L x d final hidden states (cast to the weight dtype if it differs).
         weight: V x d LM head; bias: optional V.
         labels, mask, temperature, backend: as in ``sequence_logps``.
-        gather: context-manager factory entered around each use of ``weight`` (see LinearSequenceLogpsFunction).
 
     Returns:
         (seq_sum, seq_mean), each a length-B fp32 tensor, differentiable w.r.t. hidden, weight and bias.
     """
-    with gather():
-        shape = tuple(weight.shape)
-    if hidden.dim() != 3 or len(shape) != 2 or hidden.shape[-1] != shape[1]:
-        raise ValueError(f"expected hidden B x L x d and weight V x d, got {tuple(hidden.shape)} and {shape}")
+    if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"expected hidden B x L x d and weight V x d, got {hidden.shape} and {weight.shape}")
     B, L, D = hidden.shape
     backend = resolve_backend(backend, hidden.device)
     labels, mask = prepare(hidden, labels, mask)
     # hidden (N x d) is small next to the N x V logits, so a contiguous copy of it is cheap.
     h2 = hidden.to(weight.dtype).reshape(B * L, D).contiguous()
     logp = LinearSequenceLogpsFunction.apply(
-        h2,
-        weight,
-        bias,
-        labels.reshape(-1),
-        mask.reshape(-1),
-        float(temperature),
-        backend,
-        gather,
+        h2, weight, bias, labels.reshape(-1), mask.reshape(-1), float(temperature), backend
     )
     return sequence_sums(logp.view(B, L), mask)
