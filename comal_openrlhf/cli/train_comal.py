@@ -117,7 +117,9 @@ def add_comal_args(parser):
         default="auto",
         choices=list(LOGPS_KERNELS),
         help="Sequence log-prob path: auto = fused Triton kernel on CUDA, chunked torch kernel on CPU (no fp32 copy "
-        "of the logits); triton; torch; openrlhf = OpenRLHF's own path (fp32 copy of all logits)",
+        "of the logits); triton; torch; linear = backbone to the hidden states, then the LM head fused with the "
+        "log-probs in token chunks (no B x L x V logits at all); openrlhf = OpenRLHF's own path (fp32 copy of all "
+        "logits)",
     )
     g.add_argument(
         "--comal.mass_coef",
