@@ -102,3 +102,27 @@ def _forward_replaced(module, forward):
             module.forward = saved
         else:
             del module.forward
+
+
+def pad_cat(a, b, value):
+    """Concatenate two right-padded batches along dim 0, padding the shorter to the longer length."""
+    n = max(a.shape[1], b.shape[1])
+
+    def pad(t):
+        return torch.nn.functional.pad(t, (0, n - t.shape[1]), value=value)
+
+    return torch.cat([pad(a), pad(b)], dim=0)
+
+
+def pair_logps(actor, batch, pad_token_id, kernel="openrlhf"):
+    """Chosen and rejected sequence log-probs of a PairDataset batch in one concatenated forward.
+
+    Returns (chosen_sum, rejected_sum, chosen_mean); the mean feeds OpenRLHF's optional NLL term.
+    """
+    chosen_ids, c_mask, reject_ids, r_mask, prompt_lens = batch[:5]
+    device = next(actor.parameters()).device
+    ids = pad_cat(chosen_ids.squeeze(1), reject_ids.squeeze(1), pad_token_id).to(device)
+    att = pad_cat(c_mask.squeeze(1), r_mask.squeeze(1), 0).to(device)
+    total, mean = sequence_logps(actor, ids, att, list(prompt_lens) * 2, kernel)
+    n = chosen_ids.shape[0]
+    return total[:n], total[n:], mean[:n]
