@@ -406,16 +406,6 @@ def exploitability(
 # ------------------------------------------------------------------------------------------ in-memory win rate
 
 
-def as_sampler_input(model):
-    """``sampling.generate`` unwraps an Actor (``.model``) and a DeepSpeed engine (``.module``); a bare HF causal LM
-    also has a ``.model`` (its backbone), so it is handed over inside a holder whose ``.model`` is the LM."""
-    from types import SimpleNamespace
-
-    from transformers import PreTrainedModel
-
-    return SimpleNamespace(model=model) if isinstance(model, PreTrainedModel) else model
-
-
 WinRate = namedtuple("WinRate", "mean ci_low ci_high counts")
 
 
@@ -457,7 +447,7 @@ def winrate(
                 raise BadInputError(f"precomputed samples must hold {n_samples} responses for each of the prompts")
             return [list(r[:n_samples]) for r in policy]
         kw = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        return generate(as_sampler_input(policy), tok, list(prompts), n_samples, **kw, **(generate_kwargs or {}))
+        return generate(policy, tok, list(prompts), n_samples, **kw, **(generate_kwargs or {}))
 
     judge_prompts = list(prompts) if judge_prompts is None else list(judge_prompts)
     sa = responses(policy_a, tokenizer)
@@ -660,7 +650,7 @@ def sample_policy(name, path, prompts, formatter_of, total, a, cache_dir, work, 
                     from comal_openrlhf.sampling import generate
 
                     out = generate(
-                        as_sampler_input(model),
+                        model,
                         tok,
                         [texts[p] for p in chunk],
                         count,

@@ -150,7 +150,7 @@ def run(a):
     from tqdm import tqdm
 
     from comal_openrlhf.data import PromptFormatter, read_jsonl
-    from comal_openrlhf.evaluate import _load_policy, _load_tokenizer, _repair_tail, as_sampler_input
+    from comal_openrlhf.evaluate import _load_policy, _load_tokenizer, _repair_tail
 
     shard, shards = parse_shard(a.shard)
     ro = a.rollout
@@ -210,9 +210,7 @@ def run(a):
                 else:
                     from comal_openrlhf.sampling import generate
 
-                    out = generate(
-                        as_sampler_input(model), tok, batch, count, ro.temperature, ro.top_p, ro.max_new_tokens, bs
-                    )
+                    out = generate(model, tok, batch, count, ro.temperature, ro.top_p, ro.max_new_tokens, bs)
                 for (pos, j), responses in zip(items, out):
                     for t, resp in enumerate(responses):
                         rows.append(
