@@ -77,12 +77,13 @@ def _forward(hidden, weight, bias, labels, mask, temperature, backend, active):
     return logp, lse
 
 
-def _backward(hidden, weight, bias, labels, lse, g, temperature, backend, active):
+def _backward(hidden, weight, bias, labels, lse, g, temperature, backend, active, need=(True, True, True)):
+    """(dh, dW, db); ``need`` says which of them autograd wants (a frozen head, as under LoRA, skips the dW GEMM)."""
     N, D = hidden.shape
     V = weight.shape[0]
-    dh = torch.zeros(N, D, dtype=weight.dtype, device=hidden.device)
-    dw = torch.zeros(V, D, dtype=weight.dtype, device=hidden.device)
-    db = torch.zeros(V, dtype=torch.float32, device=hidden.device) if bias is not None else None
+    dh = torch.zeros(N, D, dtype=weight.dtype, device=hidden.device) if need[0] else None
+    dw = torch.zeros(V, D, dtype=weight.dtype, device=hidden.device) if need[1] else None
+    db = torch.zeros(V, dtype=torch.float32, device=hidden.device) if bias is not None and need[2] else None
     row_backward = rows.triton_backward if backend == "triton" else rows.torch_backward
     for s, e in chunk_schedule(active.numel(), V, D, weight.dtype, hidden.device.type):
         idx = active[s:e]
@@ -90,8 +91,10 @@ def _backward(hidden, weight, bias, labels, lse, g, temperature, backend, active
         z = _chunk_logits(h, weight, bias).unsqueeze(0)
         row_backward(z, labels[idx].unsqueeze(0), lse[idx].unsqueeze(0), g[idx].unsqueeze(0), temperature, z)
         dz = z[0]
-        dh.index_copy_(0, idx, dz @ weight)
-        dw.addmm_(dz.t(), h)
+        if dh is not None:
+            dh.index_copy_(0, idx, dz @ weight)
+        if dw is not None:
+            dw.addmm_(dz.t(), h)
         if db is not None:
             db += dz.float().sum(0)
         del z, dz
@@ -117,9 +120,11 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
         hidden, labels, mask, lse, active = ctx.saved_tensors
         g = (grad_logp.float() * mask).contiguous()
         weight, bias = ctx.weight, ctx.bias
-        dh, dw, db = _backward(hidden, weight, bias, labels, lse, g, ctx.temperature, ctx.backend, active)
+        need = ctx.needs_input_grad[:3]
+        dh, dw, db = _backward(hidden, weight, bias, labels, lse, g, ctx.temperature, ctx.backend, active, need)
+        dh = dh.to(hidden.dtype) if dh is not None else None
         db = db.to(bias.dtype) if db is not None else None
-        return dh.to(hidden.dtype), dw, db, None, None, None, None
+        return dh, dw, db, None, None, None, None
 
 
 def linear_sequence_logps(hidden, weight, labels, mask, bias=None, temperature=1.0, backend="auto"):

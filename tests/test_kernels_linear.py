@@ -136,6 +136,18 @@ def test_vocab_256k(backend):
     check_against_exact(case, 1.0, s, m, grads)
 
 
+def test_frozen_head_gets_no_gradient():
+    """A head that does not require grad (frozen, as under LoRA) gets None; dh is unchanged."""
+    hidden, weight, _, labels, mask = make_case(3, 37, 48, 1001, torch.float32)
+    s, m, grads = run(linear_sequence_logps, hidden, weight, None, labels, mask, 1.0, backend="torch")
+    h = hidden.detach().clone().requires_grad_()
+    s2, m2 = linear_sequence_logps(h, weight, labels, mask, backend="torch")
+    w, u = loss_weights(3, h.device)
+    (w * s2 + u * m2).sum().backward()
+    assert weight.grad is None
+    assert torch.equal(h.grad, grads[0]) and torch.equal(s2, s)
+
+
 def test_chunks_and_masked_rows_skipped(monkeypatch):
     """Several chunks (CPU chunk budget shrunk to 3 rows' worth) give the same result as one."""
     from comal_openrlhf.kernels import config
