@@ -164,7 +164,9 @@ def parse_args(argv=None):
     p.add_argument("--algos", default=",".join(ALGOS), help=f"comma-separated subset of {','.join(ALGOS)}")
     p.add_argument("--out", default="comal_demo", help="output directory (plot, JSON, logs, models)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress goes to stderr)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="fixes the result on a given machine (it varies across CPUs and dtypes)"
+    )
     p.add_argument(
         "--init",
         default=None,
