@@ -10,14 +10,14 @@ reference forward over every pair, once per iteration) is timed too. The COMAL s
 (``--comal.logps_kernel``): openrlhf (fp32 copy of the logits), torch (chunked kernel on the bf16 logits) and
 linear (backbone to the hidden states, then the chunked LM-head kernel: no B x L x V logits). Prints a markdown
 table: medians (p20/p80) over ``--repeats`` steps after warm-up, tokens/s, the peak memory of one step and the
-COMAL/DPO ratio (target <= 0.75). Peak memory is the growth during one step over what was held before it: on CUDA
-``torch.cuda.max_memory_allocated``, on CPU the peak RSS (its mark reset through /proc/self/clear_refs).
+COMAL/DPO ratio (target <= 0.75). Peak memory is the growth of live tensor memory during one step over what was
+held before it: on CUDA ``torch.cuda.max_memory_allocated``, on CPU the running sum of torch.profiler's memory
+events (each tensor allocation and free).
 """
 
 import argparse
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -35,9 +35,6 @@ def main():
     p.add_argument("--micro-batch", dest="micro_batch", type=int, default=4, help="pairs per step")
     p.add_argument("--pairs", type=int, default=64, help="pairs in the iteration (precompute pass)")
     p.add_argument("--zero-stage", dest="zero_stage", type=int, default=2)
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="--ds.param_dtype. auto: bf16 on CUDA or a CPU with native bf16, else fp32 (emulated bf16 is "
-                   "many times slower), said in one line; --dtype bf16 forces bf16")  # fmt: skip
     a = p.parse_args()
 
     from comal_openrlhf import cpu_runtime
@@ -68,7 +65,6 @@ def main():
         + ["--train.micro_batch_size", str(mb), "--train.batch_size", str(mb), "--data.max_len", str(2 * a.seq + 32)]
         + ["--ckpt.path", os.path.join(tmp, "ckpt"), "--ckpt.output_dir", os.path.join(tmp, "out")]
         + ["--model.ipo_enable", "--comal.algo", "iter-ipo"]
-        + ([] if a.dtype == "auto" else ["--ds.param_dtype", a.dtype])
     )
     from openrlhf.models import Actor, DPOLoss
     from openrlhf.utils import get_strategy, get_tokenizer
@@ -138,6 +134,11 @@ def main():
 
     comal_kernel_step, comal_linear_step = with_kernel("torch"), with_kernel("linear")
 
+    # ZeRO 1/2 allocate their gradient-reduction bucket (reduce_bucket_size elements of the gradient dtype) in every
+    # step of every row alike; on CPU it would be most of each row's peak, so it is left out there and printed apart.
+    bucket = getattr(getattr(model.model, "optimizer", None), "reduce_bucket_size", 0) or 0
+    bucket_bytes = int(bucket) * (2 if ds.param_dtype in ("bf16", "fp16") else 4)
+
     def peak_mb(fn):
         """Growth of memory during one call of fn over what was held before it (see the module docstring)."""
         if torch.cuda.is_available():
@@ -147,15 +148,21 @@ def main():
             fn()
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - base) / 2**20
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak-RSS mark to the current RSS
-        except OSError:
-            return float("nan")
-        with open("/proc/self/statm") as f:
-            base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        fn()
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        # CPU: torch.profiler's memory events (every allocation and free of a tensor, in time order); their running
+        # sum peaks at the step's largest live-tensor footprint, whatever the allocator keeps cached.
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = sorted(
+            (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+        )
+        live = peak = 0
+        for e in events:
+            if abs(e.nbytes()) != bucket_bytes:  # DeepSpeed's reduce bucket: the same in every row, reported apart
+                live += e.nbytes()
+                peak = max(peak, live)
+        return peak / 2**20
 
     steps = {
         "dpo": dpo_step,
@@ -190,6 +197,9 @@ def main():
         med[name] = statistics.median(xs)
         print(f"| {label} | {1e3 * med[name]:.1f} | {1e3 * q(xs, 0.2):.1f} | {1e3 * q(xs, 0.8):.1f} | "
               f"{tokens / med[name]:.0f} | {peak[name]:.1f} |")  # fmt: skip
+    if bucket_bytes and not torch.cuda.is_available():
+        print(f"peak MB: live tensor memory added during one step, not counting DeepSpeed's reduce bucket "
+              f"({bucket_bytes / 2**20:.0f} MB, allocated in every step of every row)")  # fmt: skip
     for name in ("comal", "comal_kernel", "comal_linear"):
         ratio = med[name] / med["dpo"]
         verdict = "reached" if ratio <= 0.75 else "NOT reached"
