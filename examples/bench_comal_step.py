@@ -35,6 +35,9 @@ def main():
     p.add_argument("--micro-batch", dest="micro_batch", type=int, default=4, help="pairs per step")
     p.add_argument("--pairs", type=int, default=64, help="pairs in the iteration (precompute pass)")
     p.add_argument("--zero-stage", dest="zero_stage", type=int, default=2)
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="--ds.param_dtype. auto: bf16 on CUDA or a CPU with native bf16, else fp32 (emulated bf16 is "
+                   "many times slower), said in one line; --dtype bf16 forces bf16")  # fmt: skip
     a = p.parse_args()
 
     from comal_openrlhf import cpu_runtime
@@ -65,6 +68,7 @@ def main():
         + ["--train.micro_batch_size", str(mb), "--train.batch_size", str(mb), "--data.max_len", str(2 * a.seq + 32)]
         + ["--ckpt.path", os.path.join(tmp, "ckpt"), "--ckpt.output_dir", os.path.join(tmp, "out")]
         + ["--model.ipo_enable", "--comal.algo", "iter-ipo"]
+        + ([] if a.dtype == "auto" else ["--ds.param_dtype", a.dtype])
     )
     from openrlhf.models import Actor, DPOLoss
     from openrlhf.utils import get_strategy, get_tokenizer
