@@ -148,7 +148,7 @@ def test_demo_json_is_one_object_and_a_seed_fixes_the_result(tmp_path):
     for i in range(2):
         p = _demo(tmp_path / f"run{i}", "--algos", "comal,inpo", "--seed", "3")
         runs.append(json.loads(p.stdout))  # stdout is exactly one JSON object (DeepSpeed's warning went to stderr)
-        assert "Setting accelerator to CPU" in p.stderr
+        assert "[demo] SFT warm start" in p.stderr and "| algorithm | final duality gap |" in p.stderr
     a, b = (_without_timings(r) for r in runs)
     assert set(a["algorithms"]) == {"comal", "inpo"}
     assert a["settings"]["seed"] == 3 and a["settings"]["param_dtype"] in ("bf16", "fp32")
