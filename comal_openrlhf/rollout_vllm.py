@@ -28,9 +28,14 @@ shapes and dtypes returned for the check. An engine that died (actor killed, eng
 not answer within ``COMAL_VLLM_TIMEOUT`` seconds (default 1800) raises ``RolloutError`` naming the engine, instead
 of hanging.
 
-CPU specifics: vLLM's CPU attention needs head_dim in its supported set (64, 80, 96, 112, 128, ...: a head_dim of 8
-is refused), its KV cache takes ``VLLM_CPU_KVCACHE_SPACE`` GiB per engine (1 unless set), and engines do not use
-tensor parallelism here (``--vllm.tensor_parallel_size`` must be 1 on CPU).
+Sampling settings map one to one onto ``vllm.SamplingParams`` (n, temperature, top_p, max_tokens); temperature 0 is
+greedy, which vLLM runs with n = 1, and the one response is repeated n times. Outputs are requested FINAL_ONLY: the
+engine actor keeps the last output of a request's stream, which then holds all n completions.
+
+CPU specifics: vLLM's CPU attention needs a head_dim in its supported set (32, 64, 80, 96, 112, 128, ...: 8 is
+refused with a PlanError before any engine starts), its KV cache takes ``VLLM_CPU_KVCACHE_SPACE`` GiB per engine (1
+unless set), engines do not use tensor parallelism here (``--vllm.tensor_parallel_size`` must be 1 on CPU), and the
+engines' logs are hidden unless ``COMAL_VLLM_LOGS=1``.
 """
 
 import hashlib
@@ -47,7 +52,6 @@ from comal_openrlhf.errors import PlanError, RolloutError
 
 ENGINE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WORKER_EXTENSION = "comal_openrlhf.rollout_vllm.WorkerExtension"
-OPENRLHF_WORKER_EXTENSION = "openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap"
 GROUP_NAME = "comal"
 
 
@@ -320,7 +324,8 @@ class VLLMSampler:
         )
 
     def _get(self, refs, what, engines=None):
-        """ray.get with the engines' failures (and a timeout) turned into RolloutError."""
+        """ray.get with the engines' failures (and a timeout) turned into RolloutError naming the engines.
+        ``engines[j]`` is the engine that ``refs[j]`` runs on (default: ref j on engine j)."""
         import ray
 
         engines = engines if engines is not None else list(range(len(refs)))
@@ -328,21 +333,22 @@ class VLLMSampler:
             return ray.get(refs, timeout=_timeout_s())
         except ray.exceptions.GetTimeoutError as e:
             raise RolloutError(
-                f"vLLM engine(s) {engines} did not answer within {_timeout_s():.0f} s while {what} "
+                f"vLLM engine(s) {sorted(set(engines))} did not answer within {_timeout_s():.0f} s while {what} "
                 "(COMAL_VLLM_TIMEOUT sets the limit)"
             ) from e
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-            for r in refs:  # consume the other results: Ray logs every failed result nobody read
+            failed = set()
+            for j, r in enumerate(refs):  # find the failed engines; reading every result also keeps Ray quiet
                 try:
                     ray.get(r, timeout=0)
                 except Exception:
-                    pass
+                    failed.add(engines[j])
             cause = getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayTaskError) else None
             kind = type(cause).__name__ if cause is not None else type(e).__name__
             first = (str(cause) if cause is not None else str(e)).strip().splitlines()
             raise RolloutError(
-                f"vLLM engine failed while {what}: {kind}: {first[0] if first else ''} "
-                "(the engine actor or its engine-core process died; see the Ray logs)"
+                f"vLLM engine(s) {sorted(failed)} failed while {what}: {kind}: {first[0] if first else ''} "
+                "(the engine actor or its engine-core process died; see the Ray logs, COMAL_VLLM_LOGS=1 shows them)"
             ) from e
 
     def _check_alive(self):
@@ -450,7 +456,7 @@ class VLLMSampler:
         ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         order = [i % len(self.engines) for i in range(len(ids))]
         refs = [self.engines[e].generate.remote(x, params) for e, x in zip(order, ids)]
-        outs = self._get(refs, "generating", engines=sorted(set(order)))
+        outs = self._get(refs, "generating", engines=order)
         result = []
         for out in outs:
             if len(out.outputs) != params.n:

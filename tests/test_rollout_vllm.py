@@ -236,12 +236,12 @@ def test_dead_engine_raises_rollout_error_instead_of_hanging(engine):
         lambda: sampler.refresh(NS(model=NS(module=model))),
     ):
         t0 = time.time()
-        with pytest.raises(RolloutError, match="vLLM engine"):
+        with pytest.raises(RolloutError, match=r"vLLM engine\(s\) \[0\] failed"):
             call()
         assert time.time() - t0 < 120
     ray.kill(sampler.engines[0])
     t0 = time.time()
-    with pytest.raises(RolloutError, match="died"):
+    with pytest.raises(RolloutError, match=r"vLLM engine\(s\) \[0\] failed.*died"):
         sampler.generate(tok, TEXTS, 2, 1.0, 1.0, 3)
     assert time.time() - t0 < 120
 
