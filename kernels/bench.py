@@ -47,6 +47,8 @@ import time
 
 import torch
 
+from comal_openrlhf._cli import json_stdout
+
 KERNELS = ("sequence_logps", "sequence_logratio", "linear_sequence_logps")
 PROVIDERS = ("torch-eager", "openrlhf", "ours-triton", "ours-torch", "liger-flce", "cce")
 LINEAR_ONLY = ("liger-flce", "cce")
@@ -473,7 +475,11 @@ def main(argv=None):
     if args.child:
         print("BENCH_RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
         return
+    with json_stdout(args.json) as emit:  # --json: descriptor 1 goes to stderr until the JSON object is printed
+        return _main(args, emit)
 
+
+def _main(args, emit):
     def say(*parts):
         print(*parts, file=sys.stderr if args.json else sys.stdout, flush=True)
 
@@ -581,8 +587,7 @@ def main(argv=None):
     say("\n" + "\n".join(table + [""] + summary))
     say(f"\nwrote {out_dir}/bench.md and bench.csv")
     if args.json:
-        json.dump({"device": where, "header": header, "rows": rows, "summary": summary}, sys.stdout)
-        print()
+        emit({"device": where, "header": header, "rows": rows, "summary": summary})
 
 
 def target_check(rows):
