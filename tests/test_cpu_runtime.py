@@ -229,3 +229,22 @@ def test_train_comal_trains_in_fp32_on_the_avx2_path(tmp_path, tiny_model, dpo_j
     for path in files:
         with safe_open(path, "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], "fp32"),
+        (["--ds.param_dtype", "bf16"], "bf16"),
+        (["--ds.param_dtype=bf16"], "bf16"),
+        (["--ds.param_dt", "bf16"], "bf16"),  # argparse accepts unique abbreviations
+        (["--ds.packing_samples_x"], "fp32"),
+    ],
+)
+def test_upstream_parser_reads_the_flag_from_argv(monkeypatch, argv, expected):
+    # OpenRLHF's own train_dpo run through comal_openrlhf.run: its parser does not record whether the flag was given
+    monkeypatch.setattr(cpu_runtime, "cpu_has_native_bf16", lambda *a, **k: False)
+    monkeypatch.setattr(sys, "argv", ["openrlhf.cli.train_dpo", "--model.model_name_or_path", "m"] + argv)
+    ds = SimpleNamespace(param_dtype="bf16")
+    cpu_runtime.adapt_args(SimpleNamespace(ds=ds))
+    assert ds.param_dtype == expected
