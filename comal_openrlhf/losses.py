@@ -65,15 +65,18 @@ def dpo_loss(
     return -p * F.logsigmoid(beta * h) - (1 - p) * F.logsigmoid(-beta * h)
 
 
-def sppo_loss(rw: torch.Tensor, rl: torch.Tensor, p_w: torch.Tensor, p_l: torch.Tensor, beta: float) -> torch.Tensor:
+def sppo_loss(
+    logratio_w: torch.Tensor, logratio_l: torch.Tensor, p_w: torch.Tensor, p_l: torch.Tensor, beta: float
+) -> torch.Tensor:
     """SPPO prox loss (Wu et al., arXiv 2405.00675, self-play preference optimisation).
 
-    1/2 [(rw - (p_w - 1/2)/beta)^2 + (rl - (p_l - 1/2)/beta)^2],  rw = log pi(y_w) - log C(y_w), rl likewise,
+    1/2 [(lr_w - (p_w - 1/2)/beta)^2 + (lr_l - (p_l - 1/2)/beta)^2],  lr_w = log pi(y_w) - log C(y_w) (``logratio_w``),
+    lr_l likewise,
 
     p_w, p_l = win rates P(y > mu). It regresses log pi/C itself, so it assumes a zero log-partition: approximate,
     with an error that shrinks as beta grows when r = 0, and a floor when r > 0 (C unnormalised). Per pair.
     """
-    return 0.5 * ((rw - (p_w - 0.5) / beta) ** 2 + (rl - (p_l - 0.5) / beta) ** 2)
+    return 0.5 * ((logratio_w - (p_w - 0.5) / beta) ** 2 + (logratio_l - (p_l - 0.5) / beta) ** 2)
 
 
 def rebel_loss(h: torch.Tensor, p_w: torch.Tensor, p_l: torch.Tensor, beta: float) -> torch.Tensor:
@@ -136,9 +139,10 @@ class ProxLoss(torch.nn.Module):
         self, pi_w: torch.Tensor, pi_l: torch.Tensor, batch, reduction_size: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         beta, r = self.beta, self.ref_weight
-        rw = pi_w - prox_centre(batch.logp_mu_chosen, batch.logp_ref_chosen, r)
-        rl = pi_l - prox_centre(batch.logp_mu_rejected, batch.logp_ref_rejected, r)
-        h = rw - rl
+        # log pi - log C of each side; h is their difference, the margin the pair losses act on
+        logratio_w = pi_w - prox_centre(batch.logp_mu_chosen, batch.logp_ref_chosen, r)
+        logratio_l = pi_l - prox_centre(batch.logp_mu_rejected, batch.logp_ref_rejected, r)
+        h = logratio_w - logratio_l
         if self.kind == "ipo":
             losses = ipo_loss(h, beta, self.labels(batch.soft_label))
         elif self.kind == "dpo":
@@ -147,7 +151,10 @@ class ProxLoss(torch.nn.Module):
             p_w, p_l = batch.chosen_winrate, batch.rejected_winrate
             if torch.isnan(p_w).any() or torch.isnan(p_l).any():
                 raise ValueError(f"prox loss {self.kind!r} needs the win rates of both responses of every pair")
-            losses = sppo_loss(rw, rl, p_w, p_l, beta) if self.kind == "sppo" else rebel_loss(h, p_w, p_l, beta)
+            if self.kind == "sppo":
+                losses = sppo_loss(logratio_w, logratio_l, p_w, p_l, beta)
+            else:
+                losses = rebel_loss(h, p_w, p_l, beta)
         n = len(losses) if reduction_size is None else reduction_size
         loss = (losses * batch.weight.to(losses.dtype)).sum() / n
-        return loss, beta * rw.detach(), beta * rl.detach()
+        return loss, beta * logratio_w.detach(), beta * logratio_l.detach()

@@ -9,13 +9,15 @@ tokens dropped, outer whitespace stripped). Under ZeRO-3 every rank must run the
 and ``min_calls`` (the largest call count over ranks) adds padding calls whose output is dropped.
 """
 
+import math
+
 import torch
 
 from comal_openrlhf.weights import unwrap
 
 
 def num_calls(n_texts, batch_size):
-    return -(-n_texts // max(1, batch_size))
+    return math.ceil(n_texts / max(1, batch_size))
 
 
 @torch.no_grad()

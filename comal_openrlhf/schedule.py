@@ -174,7 +174,7 @@ def resolve_plan(
     L = pick("round_length", round_length, None, K if K > 0 else n, "default (K)" if K > 0 else "default (all)")
     if L is None or L <= 0:
         raise PlanError(f"--comal.round_length must be positive, got {L}")
-    rounds = -(-n // L)
+    rounds = math.ceil(n / L)
     if len(betas) > rounds:
         hint = (
             " (the anchor never advances with this preset, so rounds need --comal.round_length)"

@@ -346,7 +346,7 @@ class COMALTrainer(DPOTrainer):
         dataset = self._dataset(record.pairs)
         mb = self.args.train.micro_batch_size
         per_pass = len(self._loader(dataset, shuffle=True))
-        micro_total = -(-per_pass * self.epochs // self.grad_accum) * self.grad_accum
+        micro_total = math.ceil(per_pass * self.epochs / self.grad_accum) * self.grad_accum
         if self.micro_step == 0 and not self.settings.keep_optimizer_state:
             reset_optimizer_state(self.optimizer)
         self._restart_schedule(micro_total // self.grad_accum, self.micro_step // self.grad_accum)
