@@ -9,10 +9,10 @@ forward/backward and the prox loss on cached mu/ref log-probs). The precompute p
 reference forward over every pair, once per iteration) is timed too. The COMAL step runs with each log-prob path
 (``--comal.logps_kernel``): openrlhf (fp32 copy of the logits), torch (chunked kernel on the bf16 logits) and
 linear (backbone to the hidden states, then the chunked LM-head kernel: no B x L x V logits). Prints a markdown
-table: medians (p20/p80) over ``--repeats`` steps after warm-up, tokens/s, the peak memory of one step and the
-COMAL/DPO ratio (target <= 0.75). Peak memory is the growth of live tensor memory during one step over what was
-held before it: on CUDA ``torch.cuda.max_memory_allocated``, on CPU the running sum of torch.profiler's memory
-events (each tensor allocation and free).
+table: medians (p20/p80) over ``--repeats`` steps after warm-up, tokens/s, the peak memory of one step (whole, and
+up to its optimizer step) and the COMAL/DPO ratio (target <= 0.75). Peak memory is the growth of live tensor memory
+during one step over what was held before it: on CUDA ``torch.cuda.max_memory_allocated``, on CPU the running sum
+of torch.profiler's memory events (each tensor allocation and free).
 """
 
 import argparse
@@ -145,28 +145,46 @@ def main():
 
     def peak_mb(fn):
         """Growth of memory during one call of fn over what was held before it (see the module docstring)."""
+        optimizer_step, marks = strategy.optimizer_step, []
+
+        def labelled(*args, **kwargs):  # marks where the optimizer step starts
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                marks.append(torch.cuda.max_memory_allocated())
+            with torch.profiler.record_function("bench:optimizer_step"):
+                return optimizer_step(*args, **kwargs)
+
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            fn()
+            strategy.optimizer_step = labelled
+            try:
+                fn()
+            finally:
+                strategy.optimizer_step = optimizer_step
             torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - base) / 2**20
+            return (torch.cuda.max_memory_allocated() - base) / 2**20, (marks[0] - base) / 2**20
         # CPU: torch.profiler's memory events (every allocation and free of a tensor, in time order); their running
         # sum peaks at the step's largest live-tensor footprint, whatever the allocator keeps cached.
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        events = sorted(
-            (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-        )
-        live = peak = 0
-        for e in events:
+        strategy.optimizer_step = labelled
+        try:
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                fn()
+        finally:
+            strategy.optimizer_step = optimizer_step
+        events = list(prof.profiler.kineto_results.events())
+        opt_start = min((e.start_ns() for e in events if e.name() == "bench:optimizer_step"), default=None)
+        live = peak = peak_fwd_bwd = 0
+        for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
             if abs(e.nbytes()) != bucket_bytes:  # DeepSpeed's reduce bucket: the same in every row, reported apart
                 live += e.nbytes()
                 peak = max(peak, live)
-        return peak / 2**20
+                if opt_start is None or e.start_ns() < opt_start:
+                    peak_fwd_bwd = max(peak_fwd_bwd, live)
+        return peak / 2**20, peak_fwd_bwd / 2**20
 
     steps = {
         "dpo": dpo_step,
@@ -188,7 +206,8 @@ def main():
           f"torch {torch.__version__}, dtype {ds.param_dtype}, ZeRO {a.zero_stage}")  # fmt: skip
     print(f"model: Llama hidden {a.hidden}, {a.layers} layers, vocab {len(tok)}; batch {mb} pairs, "
           f"{tokens} tokens per step (chosen + rejected, incl. prompt)\n")  # fmt: skip
-    print("| step | median ms | p20 ms | p80 ms | tokens/s | peak MB (one step) |\n|---|---|---|---|---|---|")
+    print("| step | median ms | p20 ms | p80 ms | tokens/s | peak MB (one step) | peak MB (forward + backward) |\n"
+          "|---|---|---|---|---|---|---|")  # fmt: skip
     med = {}
     rows = (
         ("dpo", "OpenRLHF DPOTrainer step (reference recomputed)"),
@@ -200,10 +219,11 @@ def main():
         xs = res[name]
         med[name] = statistics.median(xs)
         print(f"| {label} | {1e3 * med[name]:.1f} | {1e3 * q(xs, 0.2):.1f} | {1e3 * q(xs, 0.8):.1f} | "
-              f"{tokens / med[name]:.0f} | {peak[name]:.1f} |")  # fmt: skip
+              f"{tokens / med[name]:.0f} | {peak[name][0]:.1f} | {peak[name][1]:.1f} |")  # fmt: skip
     if bucket_bytes and not torch.cuda.is_available():
-        print(f"peak MB: live tensor memory added during one step, not counting DeepSpeed's reduce bucket "
-              f"({bucket_bytes / 2**20:.0f} MB, allocated in every step of every row)")  # fmt: skip
+        print(f"peak MB: live tensor memory added during one step (and before its optimizer step), not counting "
+              f"DeepSpeed's reduce bucket ({bucket_bytes / 2**20:.0f} MB, allocated in every step of every "
+              "row)")  # fmt: skip
     for name in ("comal", "comal_kernel", "comal_linear"):
         ratio = med[name] / med["dpo"]
         verdict = "reached" if ratio <= 0.75 else "NOT reached"
