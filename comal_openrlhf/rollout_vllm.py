@@ -228,9 +228,19 @@ def _check_cpu_head_dim(pretrain):
 
 
 def _unwrap(model):
-    """The HF module inside an OpenRLHF Actor / DeepSpeed engine (or the module itself)."""
-    model = getattr(model, "model", model)
-    return getattr(model, "module", model)
+    """The HF model inside an OpenRLHF Actor (``.model``) / DeepSpeed engine (``.module``), or the HF model itself
+    (whose own ``.model`` is its backbone, not a wrapper)."""
+    from transformers import PreTrainedModel
+
+    for _ in range(4):
+        if isinstance(model, PreTrainedModel):
+            return model
+        inner = getattr(model, "module", None)
+        inner = inner if inner is not None else getattr(model, "model", None)
+        if inner is None:
+            break
+        model = inner
+    return model
 
 
 class VLLMSampler:

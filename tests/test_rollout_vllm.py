@@ -299,8 +299,21 @@ def test_online_comal_with_vllm_backend_two_iterations(tmp_path, nproc, zero):
     for r in h:
         assert r["rollout_prompts"] == 2 and r["rollout_responses"] == 16
         assert 0.0 <= r["game_gap"] <= 1.0
-    assert log.count("[comal vllm] 1 engine(s) x tp 1 on CPU") == 1
+    from comal_openrlhf.cpu_runtime import cpu_has_native_bf16
+
+    dtype = "torch.bfloat16" if cpu_has_native_bf16() else "torch.float32"  # the policy's dtype on this CPU
+    assert log.count(f"[comal vllm] 1 engine(s) x tp 1 on CPU ({dtype})") == 1
     # iteration 1 samples from engines that received mu_1: every tensor of the policy checked in the engine
     pushes = [line for line in log.splitlines() if line.startswith("[comal vllm] pushed")]
     n_params = 1 + 9 * 2 + 1 + 1  # embeddings, 2 layers of (4 attention, 3 MLP, 2 norms), final norm, head
     assert len(pushes) == 1 and pushes[0].startswith(f"[comal vllm] pushed {n_params} tensors to 1 engine(s)")
+
+
+def test_push_reads_the_hf_model_from_an_actor_an_engine_or_itself(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from comal_openrlhf.rollout_vllm import _unwrap
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model)
+    # a bare HF model's own .model is its backbone: taking it would push names without "model." and no lm_head
+    assert _unwrap(hf) is hf and _unwrap(NS(model=hf)) is hf and _unwrap(NS(model=NS(module=hf))) is hf
