@@ -1,8 +1,8 @@
 """Sequence log-probabilities: the one function through which every log-prob of the trainer flows.
 
-log pi(y|x) = sum over response tokens t of log softmax(z_t)[y_t] (the sequence log-likelihood of the policy in
-arXiv 2410.23223, section 2), prompt and padding masked out exactly as OpenRLHF's ``DPOTrainer._get_batch_logps``
-(openrlhf/trainer/dpo_trainer.py) does. Kernels:
+log pi(y|x) = sum over response tokens t of log softmax(z_t)[y_t] (the policy's sequence log-probability in the
+prox objectives of arXiv 2410.23223), prompt and padding masked out exactly as OpenRLHF's
+``DPOTrainer._get_batch_logps`` (openrlhf/trainer/dpo_trainer.py) does. Kernels:
 
 - ``openrlhf``: ``Actor.forward(return_logprobs=True)``, OpenRLHF's own path (fp32 copy of all logits).
 - ``torch`` / ``triton``: the model's bf16 logits go to ``comal_openrlhf.kernels.sequence_logps`` (chunked PyTorch
