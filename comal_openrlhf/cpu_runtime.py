@@ -37,6 +37,8 @@ import os
 import sys
 import types
 
+from comal_openrlhf.errors import PlanError
+
 _APPLIED = False
 DTYPE_FLAG = "--ds.param_dtype"
 GIVEN_KEY = "ds.param_dtype_given"  # set by the flag's action; hierarchized into args.ds.param_dtype_given
@@ -218,9 +220,9 @@ def adapt_args(args):
     """Point 6: settings that cannot work without CUDA are changed (with a note) or refused."""
     ds = args.ds
     if getattr(ds, "packing_samples", False):
-        raise SystemExit("[comal cpu] --ds.packing_samples needs flash-attn on CUDA; drop it on a CPU-only machine.")
+        raise PlanError("--ds.packing_samples needs flash-attn on CUDA; drop it on a CPU-only machine")
     if getattr(ds, "ring_attn_size", 1) > 1:
-        raise SystemExit("[comal cpu] --ds.ring_attn_size > 1 needs flash-attn on CUDA.")
+        raise PlanError("--ds.ring_attn_size > 1 needs flash-attn on CUDA")
     attn = getattr(ds, "attn_implementation", "sdpa")
     if attn and ("flash" in attn or attn.startswith("kernels-community")):
         print(f"[comal cpu] --ds.attn_implementation {attn} needs CUDA; using sdpa.")

@@ -38,6 +38,7 @@ import time
 import numpy as np
 
 from comal_openrlhf._cli import json_stdout
+from comal_openrlhf.errors import BadInputError
 
 PROMPT = "question pick one ?"
 ALGOS = ("comal", "inpo", "iter-ipo", "iter-dpo")
@@ -116,6 +117,8 @@ def training_dtype(choice):
 
 def algo_flags(algo, a):
     flags = ["--comal.algo", algo, "--comal.iterations", a.iterations]
+    if a.keep_optimizer_state:
+        flags += ["--comal.keep_optimizer_state"]
     if algo == "comal":
         flags += ["--comal.ref_weight", a.ref_weight, "--comal.ref_update_interval", a.ref_every]
     elif algo == "inpo":
@@ -182,6 +185,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per iteration (passes over the pairs)")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument(
+        "--keep-optimizer-state",
+        dest="keep_optimizer_state",
+        action="store_true",
+        help="carry Adam's moments across iterations (train_comal's --comal.keep_optimizer_state; default: a fresh "
+        "optimizer state per iteration, as train_comal does)",
+    )
+    p.add_argument(
         "--jobs", type=int, default=2, help="algorithms trained in parallel (the results do not depend on it)"
     )
     p.add_argument(
@@ -198,7 +208,10 @@ def main(argv=None):
     a = parse_args(argv)
     # --json: stdout carries the one JSON object; every other line, whoever prints it, goes to stderr
     with json_stdout(a.json) as emit:
-        report = run_demo(a)
+        try:
+            report = run_demo(a)
+        except BadInputError as e:
+            raise SystemExit(f"error: {e}") from None
         if a.json:
             emit(report)
     return report
@@ -214,14 +227,14 @@ def run_demo(a):
     try:
         P, labels = load_matrix(a.game)
     except (MatrixError, ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise BadInputError(str(e)) from None
     P = np.asarray(P, dtype=np.float64)
     algos = [x.strip() for x in a.algos.split(",") if x.strip()]
     bad = [x for x in algos if x not in ALGOS]
     if bad or not algos:
-        raise SystemExit(f"error: --algos takes a comma-separated subset of {','.join(ALGOS)}, got {a.algos!r}")
+        raise BadInputError(f"--algos takes a comma-separated subset of {','.join(ALGOS)}, got {a.algos!r}")
     if any(not lab.isalnum() for lab in labels):
-        raise SystemExit(f"error: option labels must be single words for the demo's tokenizer, got {labels}")
+        raise BadInputError(f"option labels must be single words for the demo's tokenizer, got {labels}")
     if a.init is None:
         init = default_init(len(labels))
     else:
@@ -230,7 +243,7 @@ def run_demo(a):
         except ValueError:
             init = []
         if len(init) != len(labels) or not all(np.isfinite(x) and x > 0 for x in init):
-            raise SystemExit(f"error: --init needs {len(labels)} positive numbers (full support), got {a.init!r}")
+            raise BadInputError(f"--init needs {len(labels)} positive numbers (full support), got {a.init!r}")
         init = (np.array(init) / sum(init)).tolist()
     a.dtype, note = training_dtype(a.dtype)
     if note:

@@ -18,10 +18,16 @@ def main():
         raise SystemExit(0 if len(sys.argv) >= 2 else 2)
     from comal_openrlhf import cpu_runtime
 
+    from comal_openrlhf.errors import COMALError
+
     cpu_runtime.apply()
     module = sys.argv[1]
     sys.argv = [module] + sys.argv[2:]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except COMALError as e:  # e.g. a CUDA-only setting refused by the CPU runtime
+        print(f"[comal] error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -120,12 +120,17 @@ def test_help_names_the_default_start_and_the_dtype_rule(capsys):
 
 
 def test_init_of_the_wrong_length_is_refused(tmp_path):
+    from comal_openrlhf.demo import main
+    from comal_openrlhf.errors import BadInputError
+
     a = parse_args(["--out", str(tmp_path / "o"), "--init", "0.5,0.5"])
-    with pytest.raises(SystemExit, match="--init needs 3 positive numbers"):
+    with pytest.raises(BadInputError, match="--init needs 3 positive numbers"):
         run_demo(a)
     a = parse_args(["--out", str(tmp_path / "o"), "--init", "a,b,c"])
-    with pytest.raises(SystemExit, match="--init needs 3 positive numbers"):
+    with pytest.raises(BadInputError, match="--init needs 3 positive numbers"):
         run_demo(a)
+    with pytest.raises(SystemExit, match="error: --init needs 3 positive numbers"):  # the command line's message
+        main(["--out", str(tmp_path / "o"), "--init", "0.5,0.5"])
 
 
 # ---------------------------------------------------------------------------------------- demo runs
