@@ -146,44 +146,28 @@ class WorkerExtension:
 
 
 @contextmanager
-def _cpu_engine_options(dtype):
-    """OpenRLHF's ``create_vllm_engines`` on CPU: GPU-free bundles and actors, the policy's dtype, the gloo worker
-    extension. Restored on exit."""
+def _engine_options(dtype, cpu, created):
+    """OpenRLHF's ``create_vllm_engines`` with the policy's dtype and ``WorkerExtension`` (which returns the check
+    records); on CPU also GPU-free bundles and actors. The placement group it creates is appended to ``created`` (for
+    ``close``) and must be placed within COMAL_VLLM_TIMEOUT seconds (OpenRLHF waits for it without a limit).
+    OpenRLHF's module is restored on exit."""
     import openrlhf.trainer.ray.vllm_engine as ve
+    import ray
 
     real_pg, real_actor = ve.placement_group, ve.RolloutRayActor
 
     def placement_group(bundles, *a, **k):
-        return real_pg([{key: v for key, v in b.items() if key != "GPU"} for b in bundles], *a, **k)
-
-    class _Options:
-        def __init__(self, options):
-            self.options = options
-
-        def remote(self, **kwargs):
-            kwargs.update(dtype=dtype, num_gpus=0, worker_extension_cls=WORKER_EXTENSION)
-            return self.options.remote(**kwargs)
-
-    class _CPUActor:
-        @staticmethod
-        def options(**kwargs):
-            kwargs["num_gpus"] = 0
-            return _Options(real_actor.options(**kwargs))
-
-    ve.placement_group, ve.RolloutRayActor = placement_group, _CPUActor
-    try:
-        yield ve
-    finally:
-        ve.placement_group, ve.RolloutRayActor = real_pg, real_actor
-
-
-@contextmanager
-def _gpu_engine_options(dtype):
-    """On GPU: OpenRLHF's own actors and bundles; only the dtype (the policy's) and the worker extension (which
-    returns the check records) change."""
-    import openrlhf.trainer.ray.vllm_engine as ve
-
-    real_actor = ve.RolloutRayActor
+        if cpu:
+            bundles = [{key: v for key, v in b.items() if key != "GPU"} for b in bundles]
+        pg = real_pg(bundles, *a, **k)
+        created.append(pg)
+        ready, _ = ray.wait([pg.ready()], timeout=_timeout_s())
+        if not ready:
+            raise RolloutError(
+                f"the Ray cluster has no room for the vLLM engines' bundles {bundles} within {_timeout_s():.0f} s "
+                f"(available: {ray.available_resources()}); a sampler that is not closed keeps its bundles"
+            )
+        return pg
 
     class _Options:
         def __init__(self, options):
@@ -191,18 +175,22 @@ def _gpu_engine_options(dtype):
 
         def remote(self, **kwargs):
             kwargs.update(dtype=dtype, worker_extension_cls=WORKER_EXTENSION)
+            if cpu:
+                kwargs["num_gpus"] = 0
             return self.options.remote(**kwargs)
 
     class _Actor:
         @staticmethod
         def options(**kwargs):
+            if cpu:
+                kwargs["num_gpus"] = 0
             return _Options(real_actor.options(**kwargs))
 
-    ve.RolloutRayActor = _Actor
+    ve.placement_group, ve.RolloutRayActor = placement_group, _Actor
     try:
         yield ve
     finally:
-        ve.RolloutRayActor = real_actor
+        ve.placement_group, ve.RolloutRayActor = real_pg, real_actor
 
 
 def _free_port(host):
@@ -259,6 +247,7 @@ class VLLMSampler:
         self.engines = None
         self.group = None
         self.last_push = None
+        self._pgs = []
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         v = args.vllm
         param_dtype = getattr(args.ds, "param_dtype", "bf16")
@@ -296,9 +285,8 @@ class VLLMSampler:
                 ray.init(ignore_reinit_error=True)
         if self.host is None:
             self.host = ray._private.services.get_node_ip_address()
-        options = _cpu_engine_options if self.cpu else _gpu_engine_options
         t0 = time.time()
-        with options(str(self.dtype).replace("torch.", "")) as ve:
+        with _engine_options(str(self.dtype).replace("torch.", ""), self.cpu, self._pgs) as ve:
             self.engines = ve.create_vllm_engines(
                 v.num_engines,
                 v.tensor_parallel_size,
@@ -476,9 +464,23 @@ class VLLMSampler:
         return result
 
     def close(self):
-        """Kill the engine actors (the process's Ray shutdown does it too)."""
-        import ray
-
+        """Kill the engine actors and free their placement group (Ray's shutdown at exit does it too); a process that
+        builds several samplers one after the other (one per evaluated policy) needs this, or the next one waits for
+        bundles the first still holds. Called when the sampler is garbage-collected."""
+        try:
+            import ray
+        except ImportError:
+            return
+        if not ray.is_initialized():
+            return
         for e in self.engines or ():
             ray.kill(e)
-        self.engines = None
+        for pg in self._pgs:
+            ray.util.remove_placement_group(pg)
+        self.engines, self._pgs, self.group = None, [], None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: Ray may be half torn down; its own exit hook cleans up
+            pass

@@ -220,6 +220,32 @@ def test_sampling_settings_map_one_to_one(engine):
     assert nucleus == [g * 6 for g in greedy]
 
 
+def _wait_cpus(ray, want, seconds=30):
+    deadline = time.time() + seconds
+    while ray.available_resources().get("CPU", 0) != want and time.time() < deadline:
+        time.sleep(0.2)
+    return ray.available_resources().get("CPU", 0)
+
+
+@needs_vllm
+@pytest.mark.integration
+def test_engines_without_room_raise_rollout_error_instead_of_waiting(engine, monkeypatch):
+    """OpenRLHF waits for its placement group without a limit: a cluster without room for the bundles (here the
+    module's engine holds one of the 2 CPUs) must give a RolloutError, and leave no bundle reserved behind it."""
+    import gc
+
+    import ray
+
+    free = ray.available_resources().get("CPU", 0)
+    monkeypatch.setenv("COMAL_VLLM_TIMEOUT", "5")
+    t0 = time.time()
+    with pytest.raises(RolloutError, match="no room"):
+        VLLMSampler(_args(num_engines=int(free) + 1), engine.path, 32)
+    assert time.time() - t0 < 60
+    gc.collect()  # the half-built sampler's __del__ removes its placement group
+    assert _wait_cpus(ray, free) == free
+
+
 @needs_vllm
 @pytest.mark.integration
 def test_dead_engine_raises_rollout_error_instead_of_hanging(engine):
@@ -246,6 +272,9 @@ def test_dead_engine_raises_rollout_error_instead_of_hanging(engine):
     with pytest.raises(RolloutError, match=r"vLLM engine\(s\) \[0\] failed.*died"):
         sampler.generate(tok, TEXTS, 2, 1.0, 1.0, 3)
     assert time.time() - t0 < 120
+    sampler.close()  # frees the placement group: the next sampler of this process finds the whole cluster
+    total = ray.cluster_resources()["CPU"]
+    assert _wait_cpus(ray, total) == total
 
 
 @needs_vllm
