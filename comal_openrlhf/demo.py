@@ -117,7 +117,7 @@ def training_dtype(choice):
 
 def algo_flags(algo, a):
     flags = ["--comal.algo", algo, "--comal.iterations", a.iterations]
-    if a.keep_optimizer_state:
+    if a.optimizer_state == "keep":
         flags += ["--comal.keep_optimizer_state"]
     if algo == "comal":
         flags += ["--comal.ref_weight", a.ref_weight, "--comal.ref_update_interval", a.ref_every]
@@ -185,11 +185,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per iteration (passes over the pairs)")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument(
-        "--keep-optimizer-state",
-        dest="keep_optimizer_state",
-        action="store_true",
-        help="carry Adam's moments across iterations (train_comal's --comal.keep_optimizer_state; default: a fresh "
-        "optimizer state per iteration, as train_comal does)",
+        "--optimizer-state",
+        dest="optimizer_state",
+        choices=("keep", "fresh"),
+        default="keep",
+        help="keep = carry Adam's moments across iterations (--comal.keep_optimizer_state; the demo's default: a fresh "
+        "Adam's first steps move every weight by about --lr whatever its gradient, which at the demo's lr 1e-2 can "
+        "throw the tiny model's mass off the options); fresh = train_comal's default, a new state per iteration",
     )
     p.add_argument(
         "--jobs", type=int, default=2, help="algorithms trained in parallel (the results do not depend on it)"
