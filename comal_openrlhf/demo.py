@@ -189,7 +189,8 @@ def parse_args(argv=None):
         dest="optimizer_state",
         choices=("keep", "fresh"),
         default="keep",
-        help="keep = carry Adam's moments across iterations (--comal.keep_optimizer_state; the demo's default: a fresh "
+        help="keep = carry Adam's moments across iterations (--comal.keep_optimizer_state; the demo's default: a "
+        "fresh "
         "Adam's first steps move every weight by about --lr whatever its gradient, which at the demo's lr 1e-2 can "
         "throw the tiny model's mass off the options); fresh = train_comal's default, a new state per iteration",
     )
