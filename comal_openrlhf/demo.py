@@ -126,11 +126,21 @@ def algo_flags(algo, a):
     return [str(f) for f in flags]
 
 
+def judge_flags(a, game_spec, gpm_dir):
+    """The training runs' judge: the game's table, or the GPM checkpoint with the game it induces for the gap."""
+    if a.judge == "gpm":
+        return ["--judge.kind", "gpm", "--judge.path", gpm_dir, "--judge.temperature", str(a.gpm_temperature)] + [
+            "--rollout.exact_game",
+            game_spec,
+        ]
+    return ["--judge.kind", "table", "--judge.table", game_spec]
+
+
 def run_algo(algo, a, model_dir, prompts, game_spec, out):
     work = os.path.join(out, algo)
     os.makedirs(work, exist_ok=True)
     cmd = [sys.executable, "-m", "openrlhf.cli.train_comal", "--model.model_name_or_path", model_dir]
-    cmd += ["--comal.source", "online", "--judge.kind", "table", "--judge.table", game_spec]
+    cmd += ["--comal.source", "online"] + judge_flags(a, game_spec, os.path.join(out, "gpm"))
     cmd += ["--data.dataset", prompts, "--data.prompt_key", "prompt", "--data.apply_chat_template"]
     cmd += ["--data.max_len", "32", "--rollout.prompts_per_iteration", "1"]
     cmd += ["--rollout.n_samples_per_prompt", str(a.samples), "--rollout.temperature", "1.0", "--rollout.top_p", "1.0"]
@@ -184,6 +194,15 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=64, help="responses sampled per iteration")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per iteration (passes over the pairs)")
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument(
+        "--judge",
+        choices=("table", "gpm"),
+        default="table",
+        help="table = the game's matrix; gpm = a tiny General Preference Model (arXiv 2410.02197) built locally with "
+        "the game's options evenly spread on a circle (a cyclic preference): the runs are judged by the GPM and the "
+        "gap is measured on the matrix it induces (--game then only names the options)",
+    )
+    p.add_argument("--gpm-temperature", dest="gpm_temperature", type=float, default=0.5, help="tau of --judge gpm")
     p.add_argument(
         "--optimizer-state",
         dest="optimizer_state",
@@ -254,6 +273,13 @@ def run_demo(a):
 
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
+    if a.judge == "gpm":  # a GPM judge with the options evenly spread on a circle: a cyclic preference
+        from comal_openrlhf.judges.gpm import build_cyclic_gpm, induced_matrix
+
+        angles = [360.0 * i / len(labels) for i in range(len(labels))]
+        gpm_dir = build_cyclic_gpm(os.path.join(out, "gpm"), PROMPT, labels, angles=angles, seed=a.seed)
+        P = np.asarray(induced_matrix(gpm_dir, PROMPT, labels, temperature=a.gpm_temperature), dtype=np.float64)
+        say(f"[demo] GPM judge {gpm_dir}: induced P over {labels} = {np.round(P, 4).tolist()}")
     game_spec = os.path.join(out, "game.json")
     with open(game_spec, "w") as f:
         json.dump({"P": P.tolist(), "labels": labels}, f)

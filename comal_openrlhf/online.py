@@ -26,6 +26,7 @@ from comal_openrlhf.data import IterationSource, PromptFormatter, SkipLog, load_
 from comal_openrlhf.errors import BadInputError
 from comal_openrlhf.evaluate import game_report
 from comal_openrlhf.judges import add_judge_args, build_judge
+from comal_openrlhf.judges.table import load_table
 from comal_openrlhf.pairs import RULES, build_pairs
 from comal_openrlhf.sampling import generate, num_calls
 
@@ -67,6 +68,14 @@ def add_online_args(parser):
         choices=list(ROLLOUT_BACKENDS),
         help="hf = generate with the training policy (CPU/GPU, any ZeRO stage); vllm = OpenRLHF vLLM engines on "
         "Ray GPUs, weights pushed from the policy every iteration (GPU only, experimental)",
+    )
+    g.add_argument(
+        "--rollout.exact_game",
+        type=str,
+        default=None,
+        help="A finite game (JSON {P, labels}, the game-lab format) whose options are the only responses that count: "
+        "every iteration logs mu_k's exact distribution over the options and its duality gap (game_gap). Default: "
+        "the table of --judge.kind table; e.g. the matrix a GPM judge induces over known options",
     )
     v = parser.add_argument_group("vllm", "vLLM engines for --rollout.backend vllm (GPU only)")
     v.add_argument("--vllm.num_engines", type=int, default=1, help="Number of vLLM engines")
@@ -129,7 +138,8 @@ class OnlineSource(IterationSource):
             strategy.print(f"[comal] prompts skipped: {self.skips0.summary()}")
         self.judge = build_judge(args.judge)
         self.both_orders = not args.judge.single_order
-        self.table = args.judge.kind == "table"
+        spec = self.ro.exact_game or (args.judge.table if args.judge.kind == "table" else None)
+        self.exact_game = load_table(spec) if spec else None  # (P, labels) for the exact duality gap
         self.vllm = None
         if self.ro.backend == "vllm":
             from comal_openrlhf.rollout_vllm import VLLMSampler  # optional heavy backend (vllm, ray)
@@ -204,13 +214,15 @@ class OnlineSource(IterationSource):
             dist.broadcast_object_list(payload, src=0)
         pairs, pstats = payload[0]
         stats = {"source": f"online iteration {k}", **{f"rollout_{key}": v for key, v in pstats.items()}}
-        if self.table:
+        if self.exact_game is not None:
             stats.update(self.game_metrics(policy))
         return pairs, stats
 
     def game_metrics(self, policy):
-        """Exact duality gap of mu_k on the first prompt when the judge is a finite game (table)."""
-        rep = game_report(policy.model, self.tokenizer, self.texts[0], self.judge.P, self.judge.labels)
+        """Exact duality gap of mu_k on the first prompt when the responses that count are a finite game's options
+        (the table judge's, or ``--rollout.exact_game``)."""
+        P, labels = self.exact_game
+        rep = game_report(policy.model, self.tokenizer, self.texts[0], P, labels)
         out = {"game_gap": rep["duality_gap"], "game_invalid_mass": rep["invalid_mass"]}
-        out.update({f"game_p_{lab}": p for lab, p in zip(self.judge.labels, rep["policy"])})
+        out.update({f"game_p_{lab}": p for lab, p in zip(labels, rep["policy"])})
         return out
