@@ -67,3 +67,22 @@ def json_stdout(enabled=True):
     finally:
         if redirect is not None:
             redirect.restore()
+
+
+def run_command(work, as_json=False, to_json=None):
+    """The body of a command line's ``main``: apply the CPU runtime, run ``work()``, turn a typed error of the
+    library (``COMALError``) into one ``error: ...`` line on stderr and exit status 2, and with ``as_json`` print the
+    result (through ``to_json`` when given) as the one JSON object on stdout. Returns the result."""
+    from comal_openrlhf import cpu_runtime
+    from comal_openrlhf.errors import COMALError
+
+    with json_stdout(as_json) as emit:
+        cpu_runtime.apply()
+        try:
+            result = work()
+        except COMALError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if as_json:
+            emit(to_json(result) if to_json else result)
+    return result

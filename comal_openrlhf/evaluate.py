@@ -53,7 +53,7 @@ from collections import namedtuple
 import numpy as np
 import torch
 
-from comal_openrlhf.errors import BadInputError, COMALError, JudgeError
+from comal_openrlhf.errors import BadInputError, JudgeError
 
 # --------------------------------------------------------------------------------------------- exact game mode
 
@@ -917,19 +917,10 @@ def evaluate(a):
 
 
 def main(argv=None):
-    from comal_openrlhf import cpu_runtime
-    from comal_openrlhf._cli import json_stdout
+    from comal_openrlhf._cli import run_command
 
     a = parse_args(argv)
-    with json_stdout(a.json) as emit:
-        cpu_runtime.apply()
-        try:
-            report = evaluate(a)
-        except COMALError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        if a.json:
-            emit(strict_json(report))
+    report = run_command(lambda: evaluate(a), a.json, to_json=strict_json)
     if not a.json:
         print(markdown(report))
     return report

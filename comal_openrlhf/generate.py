@@ -25,7 +25,7 @@ import json
 import os
 import sys
 
-from comal_openrlhf.errors import BadInputError, COMALError
+from comal_openrlhf.errors import BadInputError
 
 # ------------------------------------------------------------------------------ pieces shared by the phase commands
 
@@ -242,21 +242,12 @@ def run(a):
 
 
 def main(argv=None):
-    from comal_openrlhf import cpu_runtime
-    from comal_openrlhf._cli import json_stdout
+    from comal_openrlhf._cli import run_command
 
     a = parse_args(argv)
-    with json_stdout(a.json) as emit:
-        cpu_runtime.apply()
-        try:
-            summary = run(a)
-        except COMALError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        if a.json:
-            emit(summary)
-        else:
-            print(json.dumps(summary, indent=1), file=sys.stderr)
+    summary = run_command(lambda: run(a), a.json)
+    if not a.json:
+        print(json.dumps(summary, indent=1), file=sys.stderr)
     return summary
 
 

@@ -34,7 +34,7 @@ import sys
 
 import numpy as np
 
-from comal_openrlhf.errors import BadInputError, COMALError, PlanError
+from comal_openrlhf.errors import BadInputError, PlanError
 
 
 def build_parser():
@@ -207,21 +207,12 @@ def merge(a):
 
 
 def main(argv=None):
-    from comal_openrlhf import cpu_runtime
-    from comal_openrlhf._cli import json_stdout
+    from comal_openrlhf._cli import run_command
 
     a = parse_args(argv)
-    with json_stdout(a.json) as emit:
-        cpu_runtime.apply()
-        try:
-            summary = merge(a) if a.merge else judge_iteration(a)
-        except COMALError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        if a.json:
-            emit(summary)
-        else:
-            print(json.dumps(summary, indent=1), file=sys.stderr)
+    summary = run_command(lambda: merge(a) if a.merge else judge_iteration(a), a.json)
+    if not a.json:
+        print(json.dumps(summary, indent=1), file=sys.stderr)
     return summary
 
 

@@ -124,7 +124,7 @@ def test_judge_pairs_equal_the_online_source_on_the_same_samples(tmp_path, tiny_
 
     strategy = SimpleNamespace(args=args, print=lambda *m: None, is_rank_0=lambda: True)
     src = OnlineSource(args, strategy, tok, rule)
-    src.table = False  # no policy model here: skip the exact-gap metrics
+    src.exact_game = None  # no policy model here: skip the exact-gap metrics
     fmt = PromptFormatter(args.data, tok)
     for k in (0, 1):
         samples = write_jsonl(tmp_path / f"samples_{k}.jsonl", _samples_rows(k))
