@@ -17,7 +17,6 @@ def main():
         print(__doc__)
         raise SystemExit(0 if len(sys.argv) >= 2 else 2)
     from comal_openrlhf import cpu_runtime
-
     from comal_openrlhf.errors import COMALError
 
     cpu_runtime.apply()
