@@ -40,6 +40,7 @@ engines' logs are hidden unless ``COMAL_VLLM_LOGS=1``.
 
 import hashlib
 import os
+import re
 import socket
 import time
 from contextlib import contextmanager
@@ -204,7 +205,10 @@ def _check_cpu_head_dim(pretrain):
     from transformers import AutoConfig
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    config = AutoConfig.from_pretrained(pretrain, trust_remote_code=True)
+    try:
+        config = AutoConfig.from_pretrained(pretrain, trust_remote_code=True)
+    except Exception:  # a checkpoint transformers cannot read: the engine will say what is wrong
+        return
     config = getattr(config, "text_config", None) or config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     supported = CPUAttentionBackend.get_supported_head_sizes()
@@ -213,6 +217,35 @@ def _check_cpu_head_dim(pretrain):
             f"--rollout.backend vllm on CPU: {pretrain} has head_dim {head_dim}, vLLM's CPU attention supports "
             f"{supported}; use --rollout.backend hf"
         )
+
+
+def _reason(e):
+    """The informative part of a Ray error: the exception raised in the engine (type and message; for an engine that
+    failed to start, the error of its creation task), without Ray's traceback."""
+    import ray
+
+    cause = getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayTaskError) else None
+    if cause is not None and not isinstance(cause, ray.exceptions.RayError):
+        text = f"{type(cause).__name__}: {cause}"
+    else:
+        text = f"{type(e).__name__}: {e}"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # Ray colours actor names
+    skip = ("File ", "^", "ray::", "raise ", "return ")
+    lines = [x.strip() for x in text.splitlines() if x.strip() and not x.strip().startswith(skip)]
+    errors = [x for x in lines if "Error" in x or "error" in x]
+    picked = (lines[:1] + [x for x in errors if x != lines[0]][:2]) if lines else []
+    return " | ".join(x[:300] for x in picked)
+
+
+def _max_positions(pretrain):
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(pretrain, trust_remote_code=True)
+    except Exception:  # a checkpoint transformers cannot read: vLLM will say what is wrong
+        return None
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "max_position_embeddings", None)
 
 
 def _unwrap(model):
@@ -286,6 +319,15 @@ class VLLMSampler:
         if self.host is None:
             self.host = ray._private.services.get_node_ip_address()
         t0 = time.time()
+        max_model_len = max_len + args.rollout.max_new_tokens
+        positions = _max_positions(pretrain)
+        if positions and max_model_len > positions:  # vLLM refuses a context longer than the model's positions
+            print(
+                f"[comal vllm] --data.max_len {max_len} + --rollout.max_new_tokens {args.rollout.max_new_tokens} "
+                f"exceeds the model's {positions} positions: engines use max_model_len {positions}",
+                flush=True,
+            )
+            max_model_len = positions
         with _engine_options(str(self.dtype).replace("torch.", ""), self.cpu, self._pgs) as ve:
             self.engines = ve.create_vllm_engines(
                 v.num_engines,
@@ -295,9 +337,10 @@ class VLLMSampler:
                 False,
                 False,
                 v.enforce_eager,
-                max_len + args.rollout.max_new_tokens,
+                max_model_len,
                 gpu_memory_utilization=v.gpu_memory_utilization,
             )
+        self._check_alive("starting")  # an engine that failed to start says why here, not as a wait for its rank
         port = _free_port(self.host)
         world = ranks + 1
         backend = "gloo" if self.cpu else "nccl"
@@ -308,11 +351,14 @@ class VLLMSampler:
             for i, e in enumerate(self.engines)
         ]
         if self.cpu:
-            self.group = _gloo_group(self.host, port, 0, world, _timeout_s())
+            make = lambda: _gloo_group(self.host, port, 0, world, _timeout_s())  # noqa: E731
         else:
             from openrlhf.utils.distributed_util import stateless_init_process_group
 
-            self.group = stateless_init_process_group(self.host, port, 0, world, torch.cuda.current_device())
+            make = lambda: stateless_init_process_group(  # noqa: E731
+                self.host, port, 0, world, torch.cuda.current_device()
+            )
+        self.group = self._while_engines_answer(make, refs, "joining the weight group")
         self._get(refs, "joining the weight group")
         self.startup_s = time.time() - t0
         print(
@@ -320,6 +366,35 @@ class VLLMSampler:
             f" ({self.dtype}), weight group {backend}: ready in {self.startup_s:.1f} s",
             flush=True,
         )
+
+    def _while_engines_answer(self, fn, refs, what):
+        """fn() (a blocking rendezvous with the engines) in a thread, watching the engines' calls ``refs``: an
+        engine that fails meanwhile raises RolloutError at once instead of leaving fn waiting for its rank."""
+        import threading
+
+        import ray
+
+        box = {}
+
+        def run():
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # handed to the caller below
+                box["error"] = e
+
+        thread = threading.Thread(target=run, name="comal-vllm-rendezvous", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            for r in done:
+                try:
+                    ray.get(r, timeout=0)
+                except Exception:
+                    self._get(refs, what)  # raises RolloutError naming the failed engines
+        if "error" in box:
+            raise RolloutError(f"vLLM weight group: {what} failed: {box['error']}") from box["error"]
+        return box["value"]
 
     def _get(self, refs, what, engines=None):
         """ray.get with the engines' failures (and a timeout) turned into RolloutError naming the engines.
@@ -341,25 +416,15 @@ class VLLMSampler:
                     ray.get(r, timeout=0)
                 except Exception:
                     failed.add(engines[j])
-            cause = getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayTaskError) else None
-            kind = type(cause).__name__ if cause is not None else type(e).__name__
-            first = (str(cause) if cause is not None else str(e)).strip().splitlines()
             raise RolloutError(
-                f"vLLM engine(s) {sorted(failed)} failed while {what}: {kind}: {first[0] if first else ''} "
+                f"vLLM engine(s) {sorted(failed)} failed while {what}: {_reason(e)} "
                 "(the engine actor or its engine-core process died; see the Ray logs, COMAL_VLLM_LOGS=1 shows them)"
             ) from e
 
-    def _check_alive(self):
-        import ray
-
+    def _check_alive(self, what="pushing weights"):
+        """Every engine answers a cheap call (at start-up: once its engine has been built)."""
         refs = [e.get_num_unfinished_requests.remote() for e in self.engines]
-        for i, r in enumerate(refs):
-            try:
-                ray.get(r, timeout=min(60.0, _timeout_s()))
-            except ray.exceptions.GetTimeoutError as e:
-                raise RolloutError(f"vLLM engine {i} does not answer (60 s)") from e
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-                raise RolloutError(f"vLLM engine {i} is dead: {type(e).__name__}") from e
+        self._get(refs, what)
 
     @torch.no_grad()
     def refresh(self, actor):
@@ -373,7 +438,7 @@ class VLLMSampler:
         sent, replies = [], [[] for _ in range(len(self.engines or ()))]
         t0 = time.time()
         if self.rank == 0:
-            self._check_alive()
+            self._check_alive("pushing weights")
         for count, (name, p) in enumerate(params, 1):
             with deepspeed.zero.GatheredParameters([p], enabled=zero3):
                 if self.rank == 0:

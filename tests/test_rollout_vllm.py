@@ -248,6 +248,28 @@ def test_engines_without_room_raise_rollout_error_instead_of_waiting(engine, mon
 
 @needs_vllm
 @pytest.mark.integration
+def test_engine_that_cannot_start_raises_rollout_error_with_its_cause(engine, tmp_path):
+    """A checkpoint without weights: the engine dies while starting; the sampler names it and vLLM's reason instead
+    of waiting for the engine's rank in the weight group."""
+    import shutil
+
+    import ray
+
+    broken = tmp_path / "no_weights"
+    shutil.copytree(engine.path, broken, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    free = ray.available_resources().get("CPU", 0)
+    t0 = time.time()
+    with pytest.raises(RolloutError, match=r"vLLM engine\(s\) \[0\] failed while starting: .*rror"):
+        VLLMSampler(_args(), str(broken), 32)
+    assert time.time() - t0 < 300
+    import gc
+
+    gc.collect()
+    assert _wait_cpus(ray, free) == free
+
+
+@needs_vllm
+@pytest.mark.integration
 def test_dead_engine_raises_rollout_error_instead_of_hanging(engine):
     """Runs last on the module's engine: first its engine-core process is killed, then the Ray actor itself."""
     import psutil
