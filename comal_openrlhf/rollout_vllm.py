@@ -164,6 +164,8 @@ def _engine_options(dtype, cpu, created):
         created.append(pg)
         ready, _ = ray.wait([pg.ready()], timeout=_timeout_s())
         if not ready:
+            ray.util.remove_placement_group(pg)
+            created.remove(pg)
             raise RolloutError(
                 f"the Ray cluster has no room for the vLLM engines' bundles {bundles} within {_timeout_s():.0f} s "
                 f"(available: {ray.available_resources()}); a sampler that is not closed keeps its bundles"
@@ -292,7 +294,11 @@ class VLLMSampler:
         if self.cpu:
             _check_cpu_head_dim(pretrain)
         if self.rank == 0:
-            self._start(args, pretrain, max_len)
+            try:
+                self._start(args, pretrain, max_len)
+            except BaseException:
+                self.close()  # engines and bundles of a failed start are not left behind
+                raise
         if dist.is_initialized():
             dist.barrier()
 
