@@ -9,7 +9,8 @@ from _util import REPO
 
 from comal_openrlhf.errors import COMALError, DataError, JudgeError, PlanError
 
-ENTRY_POINTS = {"main", "_main"}  # command-line functions may turn an error into an exit status
+ENTRY_POINTS = {"main", "_main", "run_command"}  # command-line functions (and _cli.run_command, the body they share)
+# may turn an error into an exit status
 
 
 def _library_files():
