@@ -124,7 +124,7 @@ def test_deepspeed_launcher_runs_the_module(tmp_path, tiny_model):
 @pytest.mark.integration
 def test_unchanged_train_dpo_launch_runs_as_one_dpo_iteration(tmp_path, tiny_model, dpo_jsonl):
     p = run_cmd(comal_cmd([sys.executable], tiny_model, tmp_path, "--data.dataset", dpo_jsonl), cwd=str(tmp_path))
-    assert "| algo | iter-dpo | default |" in p.stdout and "| beta per round | 0.1 | OpenRLHF default |" in p.stdout
+    assert "| algo | iter-dpo | default |" in p.stdout and "| beta per round | 1 | flag |" in p.stdout
     h = history(tmp_path)
     assert len(h) == 1 and h[0]["pairs"] == 16 and not h[0]["advanced"]
 
