@@ -240,7 +240,8 @@ def main(argv=None):
 
 
 def run_demo(a):
-    from comal_openrlhf.game import MatrixError, duality_gap, load_matrix, solve_nash
+    from comal_openrlhf.game import duality_gap, solve_nash
+    from comal_openrlhf.matrix import load_matrix
     from comal_openrlhf.tiny import DEFAULT_WORDS, build_tiny_llama
 
     def say(*m):
@@ -248,7 +249,7 @@ def run_demo(a):
 
     try:
         P, labels = load_matrix(a.game)
-    except (MatrixError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # MatrixError is a ValueError
         raise BadInputError(str(e)) from None
     P = np.asarray(P, dtype=np.float64)
     algos = [x.strip() for x in a.algos.split(",") if x.strip()]

@@ -43,7 +43,6 @@ tabular check that a loss implements the step. Its pairs (``--pairs``):
 
 import argparse
 import itertools
-import json
 import math
 import os
 import sys
@@ -55,6 +54,7 @@ from scipy.special import gammaln
 
 from comal_openrlhf._cli import json_stdout
 from comal_openrlhf.judges.table import TableJudge
+from comal_openrlhf.matrix import load_matrix
 from comal_openrlhf.pairs import RULES, build_pairs, sampled_law
 
 ALGOS = ("mwu", "inpo", "comal", "nash-md")
@@ -64,49 +64,9 @@ MAX_EXACT_SETS = 5000  # above this many multisets a rule's expectation is taken
 MC_SETS = 2000  # sample sets per step in Monte Carlo
 
 
-class MatrixError(ValueError):
-    """A preference-matrix file that cannot be used (missing, unreadable or not a preference matrix)."""
-
-
 def paper_game():
     """The paper's synthetic game (arXiv 2410.23223): P(b>a) = 0.9, P(c>b) = 0.9, P(a>c) = 0.8."""
-    P = np.array([[0.5, 0.1, 0.8], [0.9, 0.5, 0.1], [0.2, 0.9, 0.5]])
-    return P, ["a", "b", "c"]
-
-
-def load_matrix(spec):
-    """``"paper"`` or a JSON file ``{"P": [[...]], "labels": [...]}`` -> (P, labels). Raises MatrixError."""
-    if spec == "paper":
-        return paper_game()
-    try:
-        with open(spec) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise MatrixError(f"{spec}: no such matrix file") from None
-    except (OSError, ValueError) as e:
-        raise MatrixError(f"{spec}: cannot read JSON ({e})") from None
-    if not isinstance(data, dict) or "P" not in data:
-        raise MatrixError(f'{spec}: expected an object {{"P": [[...]], "labels": [...]}}')
-    try:
-        P = np.array(data["P"], dtype=float)
-    except (TypeError, ValueError):
-        raise MatrixError(f"{spec}: P must be a square list of lists of numbers") from None
-    if P.ndim != 2 or P.shape[0] != P.shape[1] or P.shape[0] < 1:
-        raise MatrixError(f"{spec}: P must be square, got shape {P.shape}")
-    bad = np.argwhere(~((P >= 0) & (P <= 1)))  # also catches NaN
-    if len(bad):
-        i, j = bad[0]
-        raise MatrixError(f"{spec}: entry ({i}, {j}) = {P[i, j]} is not a probability in [0, 1]")
-    bad = np.argwhere(np.abs(P + P.T - 1) > 1e-6)
-    if len(bad):
-        i, j = bad[0]
-        raise MatrixError(
-            f"{spec}: entries ({i}, {j}) = {P[i, j]} and ({j}, {i}) = {P[j, i]} break P + P^T = 1 (tolerance 1e-6)"
-        )
-    labels = data.get("labels", [str(i) for i in range(len(P))])
-    if not isinstance(labels, list) or len(labels) != len(P):
-        raise MatrixError(f"{spec}: labels must be a list of {len(P)} names")
-    return P, [str(x) for x in labels]
+    return load_matrix("paper")
 
 
 def solve_nash(P):

@@ -12,12 +12,10 @@ import numpy as np
 import pytest
 
 from comal_openrlhf.game import (
-    MatrixError,
     RulePairs,
     _log_multinomial,
     duality_gap,
     kl,
-    load_matrix,
     loss_step,
     main,
     paper_game,
@@ -27,6 +25,7 @@ from comal_openrlhf.game import (
     solve_nash,
 )
 from comal_openrlhf.judges.table import TableJudge
+from comal_openrlhf.matrix import MatrixError, load_matrix
 from comal_openrlhf.pairs import build_pairs
 
 SKEWED = [0.6, 0.3, 0.1]
