@@ -202,6 +202,10 @@ class COMALTrainer(DPOTrainer):
             self._dataset_cache = (pairs, PairDataset(pairs, self.tokenizer, self.args.data.max_len))
         return self._dataset_cache[1]
 
+    def _logps(self, actor, batch):
+        """(chosen sum, rejected sum, chosen mean) sequence log-probs of a batch under the policy or the anchor."""
+        return pair_logps(actor, batch, self.tokenizer.pad_token_id, self.settings.logps_kernel)
+
     def _loader(self, dataset, shuffle, epoch=0, consumed=0):
         loader = self.strategy.setup_dataloader(
             dataset, self.args.train.micro_batch_size, False, shuffle, dataset.collate_fn, drop_last=False
@@ -279,13 +283,11 @@ class COMALTrainer(DPOTrainer):
         record = IterationRecord.from_pairs(pairs)
         dataset = self._dataset(record.pairs)
         self.model.eval()
-        pad = self.tokenizer.pad_token_id
-        kernel = self.settings.logps_kernel
         idx, vals = [], []
         loader = self._loader(dataset, shuffle=False)
         for batch in tqdm(loader, desc="Precompute log-probs", disable=not self.strategy.is_rank_0(), leave=False):
-            mu_w, mu_l, _ = pair_logps(self.model, batch, pad, kernel)
-            ref_w, ref_l, _ = pair_logps(self.ref_model, batch, pad, kernel)
+            mu_w, mu_l, _ = self._logps(self.model, batch)
+            ref_w, ref_l, _ = self._logps(self.ref_model, batch)
             idx.append(batch[-1])
             vals.append(torch.stack([mu_w, mu_l, ref_w, ref_l]).float().cpu())
         mine = (torch.cat(idx), torch.cat(vals, 1)) if idx else (torch.empty(0, dtype=torch.long), None)
@@ -393,7 +395,7 @@ class COMALTrainer(DPOTrainer):
     def _train_step(self, batch, record):
         idx = batch[-1]
         device = next(self.model.parameters()).device
-        pi_w, pi_l, nll = pair_logps(self.model, batch, self.tokenizer.pad_token_id, self.settings.logps_kernel)
+        pi_w, pi_l, nll = self._logps(self.model, batch)
         pb = record.batch(idx).to(device)
         loss, chosen_reward, reject_reward = self.loss_fn(
             pi_w, pi_l, pb, reduction_size=self.args.train.micro_batch_size
@@ -440,13 +442,11 @@ class COMALTrainer(DPOTrainer):
     def _heldout_loss(self):
         dataset, record = self.eval_dataset
         self.model.eval()
-        pad = self.tokenizer.pad_token_id
-        kernel = self.settings.logps_kernel
         loss_sum, hits, n = 0.0, 0.0, 0
         desc = f"Eval after iteration {self.iteration}"
         for batch in tqdm(self._loader(dataset, False), desc=desc, disable=not self.strategy.is_rank_0(), leave=False):
-            pw, pl, _ = pair_logps(self.model, batch, pad, kernel)
-            rw, rl, _ = pair_logps(self.ref_model, batch, pad, kernel)
+            pw, pl, _ = self._logps(self.model, batch)
+            rw, rl, _ = self._logps(self.ref_model, batch)
             # the anchor as the centre: log mu := log ref, so log C = log ref for every r
             pb = replace(
                 record.batch(batch[-1]).to(pw.device),
@@ -517,9 +517,8 @@ class COMALTrainer(DPOTrainer):
     def _check_advance(self, record):
         batch = next(iter(self._loader(self._dataset(record.pairs), shuffle=False)))
         self.model.eval()
-        pad = self.tokenizer.pad_token_id
-        pw, pl, _ = pair_logps(self.model, batch, pad, self.settings.logps_kernel)
-        rw, rl, _ = pair_logps(self.ref_model, batch, pad, self.settings.logps_kernel)
+        pw, pl, _ = self._logps(self.model, batch)
+        rw, rl, _ = self._logps(self.ref_model, batch)
         self.model.train()
         err = torch.stack([pw - rw, pl - rl]).abs().max().float()
         if self.world > 1:
@@ -654,7 +653,7 @@ class COMALTrainer(DPOTrainer):
     def _check_anchor(self, record):
         """After a resume: the anchor must reproduce the record's cached reference log-probs."""
         batch = next(iter(self._loader(self._dataset(record.pairs), shuffle=False)))
-        ref_w, ref_l, _ = pair_logps(self.ref_model, batch, self.tokenizer.pad_token_id, self.settings.logps_kernel)
+        ref_w, ref_l, _ = self._logps(self.ref_model, batch)
         cached = record.batch(batch[-1])
         got = torch.stack([ref_w, ref_l]).float().cpu()
         err = (got - torch.stack([cached.logp_ref_chosen, cached.logp_ref_rejected])).abs().max().item()
