@@ -318,6 +318,9 @@ def test_train_comal_with_the_cyclic_gpm_reaches_its_nash(tmp_path):
         cmd += ["--ds.param_dtype", "fp32", "--train.seed", "0", "--comal.mass_coef", "1.0"]
         cmd += ["--ckpt.output_dir", str(work / "final"), "--ckpt.path", str(work / "ckpt")]
         cmd += ["--comal.algo", algo, "--comal.iterations", "24"] + extra
+        # the demo's optimizer setting: at lr 1e-2 a fresh Adam state per iteration can throw the tiny policy's mass
+        # off the options (its first steps move every weight by about lr, whatever the gradient)
+        cmd += ["--comal.keep_optimizer_state"]
         work.mkdir()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         log = open(work / "train.log", "w")
