@@ -154,7 +154,7 @@ def test_native_bf16_is_false_when_onednn_is_capped_below_bf16(tmp_path, monkeyp
 
 
 def test_native_bf16_is_false_on_torchs_avx2_path(tmp_path):
-    # ATEN_CPU_CAPABILITY=avx2 (what /work/shared/tools/as-avx2 sets) pins torch's AVX2 kernels: no native bf16,
+    # ATEN_CPU_CAPABILITY=avx2 pins torch's AVX2 kernels: no native bf16,
     # whatever the CPU flags say
     code = (
         "import sys, torch; from comal_openrlhf.cpu_runtime import cpu_has_native_bf16 as f; "
