@@ -34,7 +34,7 @@ from openrlhf.datasets import RewardDataset
 from openrlhf.datasets.reward_dataset import preprocess_data
 from openrlhf.datasets.utils import blending_datasets
 
-from comal_openrlhf.errors import DataError, PlanError
+from comal_openrlhf.errors import BadInputError, DataError, PlanError
 from comal_openrlhf.pairs import Pair
 
 SKIP_EXAMPLES = 3  # file:line examples logged per skip reason
@@ -261,15 +261,39 @@ def read_jsonl(path, max_line_bytes=None, skips: Optional[SkipLog] = None):
 def load_train_data(args, strategy):
     """``--data.dataset`` through OpenRLHF's ``blending_datasets``, as train_dpo reads it (probabilities, split,
     ``--data.max_samples``)."""
+    return _blend(args.data, strategy, args.train.seed)
+
+
+def _blend(d, strategy, seed):
     data = blending_datasets(
-        args.data.dataset,
-        args.data.dataset_probs,
-        strategy,
-        args.train.seed,
-        max_count=args.data.max_samples,
-        dataset_split=args.data.dataset_split,
+        d.dataset, d.dataset_probs, strategy, seed, max_count=d.max_samples, dataset_split=d.dataset_split
     )
-    return data.select(range(min(args.data.max_samples, len(data))))
+    return data.select(range(min(d.max_samples, len(data))))
+
+
+def load_prompts(data_args, strategy, seed):
+    """The raw prompts of ``--data.dataset`` under ``--data.prompt_key`` as (origin, prompt) pairs, plus the SkipLog
+    of empty prompts (counted, not kept). A row without the key is an error naming the row."""
+    d = data_args
+    if not d.dataset:
+        raise BadInputError("prompts needed: --data.dataset")
+    if not d.prompt_key:
+        raise BadInputError("prompts need --data.prompt_key (the prompt column)")
+    try:
+        data = _blend(d, strategy, seed)
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"--data.dataset {d.dataset}: {e}") from None
+    prompts, skips = [], SkipLog()
+    for i, row in enumerate(data):
+        origin = f"{d.dataset}:row {i}"
+        if d.prompt_key not in row:
+            raise BadInputError(f"{origin}: missing prompt key {d.prompt_key!r}; the row has {sorted(row)}")
+        raw = row[d.prompt_key]
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            skips.skip("empty prompt", origin)
+            continue
+        prompts.append((origin, raw))
+    return prompts, skips
 
 
 class IterationSource:

@@ -78,35 +78,13 @@ class _PrintStrategy:
 
 
 def load_prompts(a):
-    """(raw prompts, SkipLog) of ``--data.dataset`` under ``--data.prompt_key``, empty prompts skipped and counted.
-    A row without the key is an error naming the row."""
-    from openrlhf.datasets.utils import blending_datasets
+    """(raw prompts, SkipLog) of ``--data.dataset`` under ``--data.prompt_key`` (``data.load_prompts``)."""
+    from comal_openrlhf.data import load_prompts as read
 
-    from comal_openrlhf.data import SkipLog
-
-    d = a.data
-    if not d.dataset:
-        raise BadInputError("prompts needed: --data.dataset")
-    try:
-        data = blending_datasets(
-            d.dataset, d.dataset_probs, _PrintStrategy, 42, max_count=d.max_samples, dataset_split=d.dataset_split
-        )
-    except (OSError, ValueError) as e:
-        raise BadInputError(f"--data.dataset {d.dataset}: {e}") from None
-    data = data.select(range(min(d.max_samples, len(data))))
-    prompts, skips = [], SkipLog()
-    for i, row in enumerate(data):
-        origin = f"{d.dataset}:row {i}"
-        if d.prompt_key not in row:
-            raise BadInputError(f"{origin}: missing prompt key {d.prompt_key!r}; the row has {sorted(row)}")
-        raw = row[d.prompt_key]
-        if raw is None or (isinstance(raw, str) and not raw.strip()):
-            skips.skip("empty prompt", origin)
-            continue
-        prompts.append(raw)
+    prompts, skips = read(a.data, _PrintStrategy, 42)
     if not prompts:
-        raise BadInputError(f"--data.dataset {d.dataset}: no usable prompts")
-    return prompts, skips
+        raise BadInputError(f"--data.dataset {a.data.dataset}: no usable prompts")
+    return [raw for _, raw in prompts], skips
 
 
 def iteration_slice(n_prompts, k, per_iteration):

@@ -22,7 +22,7 @@ mu_k(y) mu_k(y') from the cached log-probs, the exact expectation when the sampl
 import numpy as np
 import torch.distributed as dist
 
-from comal_openrlhf.data import IterationSource, PromptFormatter, SkipLog, load_train_data
+from comal_openrlhf.data import IterationSource, PromptFormatter, load_prompts
 from comal_openrlhf.errors import BadInputError
 from comal_openrlhf.evaluate import game_report
 from comal_openrlhf.judges import add_judge_args, build_judge
@@ -112,21 +112,10 @@ class OnlineSource(IterationSource):
         self.pair_rule = pair_rule
         if self.ro.n_samples_per_prompt < 2:
             raise BadInputError("--rollout.n_samples_per_prompt must be >= 2 to form pairs")
-        if not args.data.dataset:
-            raise BadInputError("the online source needs prompts: --data.dataset")
-        key = args.data.prompt_key
-        if not key:
-            raise BadInputError("the online source needs --data.prompt_key (the prompt column)")
         self.formatter = PromptFormatter(args.data, tokenizer)
-        self.prompts, self.texts, self.skips0 = [], [], SkipLog()
-        for i, row in enumerate(load_train_data(args, strategy)):
-            origin = f"{args.data.dataset}:row {i}"
-            if key not in row:
-                raise BadInputError(f"{origin}: missing prompt key {key!r}; the row has {sorted(row)}")
-            raw = row[key]
-            if raw is None or isinstance(raw, str) and not raw.strip():
-                self.skips0.skip("empty prompt", origin)
-                continue
+        self.prompts, self.texts = [], []
+        prompts, self.skips0 = load_prompts(args.data, strategy, args.train.seed)
+        for origin, raw in prompts:
             text = self.formatter.policy_text(raw)
             if len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= args.data.max_len - 2:
                 self.skips0.skip(f"prompt longer than --data.max_len {args.data.max_len}", origin)
