@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from comal_openrlhf.errors import PlanError, RolloutError
+from comal_openrlhf.weights import unwrap
 
 ENGINE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WORKER_EXTENSION = "comal_openrlhf.rollout_vllm.WorkerExtension"
@@ -250,22 +251,6 @@ def _max_positions(pretrain):
     return getattr(config, "max_position_embeddings", None)
 
 
-def _unwrap(model):
-    """The HF model inside an OpenRLHF Actor (``.model``) / DeepSpeed engine (``.module``), or the HF model itself
-    (whose own ``.model`` is its backbone, not a wrapper)."""
-    from transformers import PreTrainedModel
-
-    for _ in range(4):
-        if isinstance(model, PreTrainedModel):
-            return model
-        inner = getattr(model, "module", None)
-        inner = inner if inner is not None else getattr(model, "model", None)
-        if inner is None:
-            break
-        model = inner
-    return model
-
-
 class VLLMSampler:
     """``VLLMSampler(args, pretrain, max_len)`` on every rank; ``refresh(actor)`` on every rank after the policy
     changed; ``generate(...)`` on rank 0. ``last_push`` holds the check records of the latest ``refresh``."""
@@ -438,7 +423,7 @@ class VLLMSampler:
         check on rank 0 that every tensor arrived bit-identical and every engine parameter was loaded."""
         import deepspeed
 
-        module = _unwrap(actor)
+        module = unwrap(actor)
         params = list(module.named_parameters())
         zero3 = getattr(self.args.ds, "zero_stage", 0) == 3
         sent, replies = [], [[] for _ in range(len(self.engines or ()))]

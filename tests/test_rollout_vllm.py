@@ -359,7 +359,7 @@ def test_online_comal_with_vllm_backend_two_iterations(tmp_path, nproc, zero):
 def test_push_reads_the_hf_model_from_an_actor_an_engine_or_itself(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from comal_openrlhf.rollout_vllm import _unwrap
+    from comal_openrlhf.weights import unwrap as _unwrap  # what the push reads the model through
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_model)
     # a bare HF model's own .model is its backbone: taking it would push names without "model." and no lm_head
