@@ -8,7 +8,9 @@
     ├── JudgeError         a judge that cannot produce valid probabilities
     ├── RolloutError       a rollout engine (vLLM) that died, timed out or did not receive the policy's weights
     ├── NonFiniteLossError training produced a NaN/inf loss
-    └── RunLockError       another run holds the checkpoint directory
+    ├── RunLockError       another run holds the checkpoint directory
+    ├── StorageError       a result could not be written (full disk, read-only folder): names the path and free space
+    └── ImpossibleResultError  a computed figure that cannot be (a probability above 1): names what produced it
 """
 
 
@@ -42,3 +44,13 @@ class NonFiniteLossError(COMALError):
 
 class RunLockError(COMALError):
     """Another live process holds the run directory (or a stale lock was found)."""
+
+
+class StorageError(COMALError):
+    """A result could not be written completely (full disk, read-only folder...): the message names the path and the
+    free space; what was written before stays loadable."""
+
+
+class ImpossibleResultError(COMALError):
+    """A computed figure that cannot be true (a probability above 1, a duality gap above 1): the message names what
+    produced it and the likely fix. Raised instead of reporting the figure."""

@@ -25,10 +25,12 @@ above, ``evaluate`` is stage 4, ``beta`` reads the prox loss's current beta (it 
 ``save_logs_and_checkpoints`` raises (stage 7 checkpoints).
 """
 
+import contextlib
 import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, replace
 
@@ -40,12 +42,13 @@ from tqdm import tqdm
 from transformers.trainer import get_scheduler
 
 from comal_openrlhf.data import PairDataset
-from comal_openrlhf.errors import BadInputError, NonFiniteLossError, PlanError
+from comal_openrlhf.errors import BadInputError, NonFiniteLossError, PlanError, StorageError
 from comal_openrlhf.logps import pair_logps
 from comal_openrlhf.losses import NEEDS_WIN_RATES, ProxLoss
 from comal_openrlhf.record import IterationRecord
 from comal_openrlhf.schedule import plan_differences
-from comal_openrlhf.weights import atomic_save, copy_weights, load_weights, state_dict_on_rank0
+from comal_openrlhf.storage import append_lines, guarded, publish_dir, save_torch, write_atomic, write_json
+from comal_openrlhf.weights import copy_weights, load_weights, state_dict_on_rank0
 
 ADVANCE_TOLERANCE = 1e-3  # policy vs anchor sequence log-probs right after ref <- pi (bf16 forwards, same weights)
 
@@ -60,6 +63,14 @@ class TrainerSettings:
     mass_coef: float = 0.0
     keep_optimizer_state: bool = False
     keep_best: bool = False
+
+
+def _read_latest(ckpt_path):
+    try:
+        with open(os.path.join(ckpt_path, "latest")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def _rng_state():
@@ -93,7 +104,7 @@ def support_mass_penalty(pairs, idx, pi_w, pi_l, mu_w, mu_l):
 def policy_weights(record: IterationRecord) -> torch.Tensor:
     """Pair weights mu_k(y) mu_k(y') from the cached log-probs (``--rollout.pair_weighting policy``): the exact
     expectation over y, y' ~ mu_k when a prompt's samples cover mu_k's support (finite games)."""
-    return torch.exp(record.logp_mu_chosen.double() + record.logp_mu_rejected.double()).float()
+    return torch.exp(record.logp_mu_chosen.double() + record.logp_mu_rejected.double())
 
 
 def reset_optimizer_state(optimizer):
@@ -172,6 +183,7 @@ class COMALTrainer(DPOTrainer):
         self.best = None  # (eval loss, iteration) of the kept iterate of the current round
         self._resumed = None  # (record, stats) of the iteration being resumed
         self._dataset_cache = (None, None)
+        self._last_good_tag = _read_latest(args.ckpt.path)  # the checkpoint a resume would load now
 
     # -------------------------------------------------- inherited API made honest
     @property
@@ -308,7 +320,7 @@ class COMALTrainer(DPOTrainer):
         stats["precompute_s"] = round(time.time() - t0, 3)
         if self.strategy.is_rank_0():
             os.makedirs(self.state_dir, exist_ok=True)
-            atomic_save({"record": record.state_dict(), "stats": stats}, self.iter_state_path(k))
+            save_torch({"record": record.state_dict(), "stats": stats}, self.iter_state_path(k))
             old = self.iter_state_path(k - 1)
             if os.path.exists(old):
                 os.remove(old)
@@ -477,7 +489,7 @@ class COMALTrainer(DPOTrainer):
             state = state_dict_on_rank0(self.model)
             if self.strategy.is_rank_0():
                 os.makedirs(self.state_dir, exist_ok=True)
-                atomic_save(state, path)
+                save_torch(state, path)
         out = {}
         if self.plan.round_ends_after(k):
             best_k = self.best[1]
@@ -505,7 +517,7 @@ class COMALTrainer(DPOTrainer):
         state = state_dict_on_rank0(self.ref_model)
         if self.strategy.is_rank_0():
             os.makedirs(self.state_dir, exist_ok=True)
-            atomic_save(state, self.anchor_path(self.anchor_version))
+            save_torch(state, self.anchor_path(self.anchor_version))
             stale = self.anchor_path(self.anchor_version - 2)
             if os.path.exists(stale):
                 os.remove(stale)
@@ -555,8 +567,7 @@ class COMALTrainer(DPOTrainer):
             self.save_checkpoint("end of iteration")
         if self.strategy.is_rank_0():
             os.makedirs(os.path.dirname(self.history_path) or ".", exist_ok=True)
-            with open(self.history_path, "a") as f:
-                f.write(json.dumps(line) + "\n")
+            append_lines(self.history_path, [json.dumps(line)])
         self._log("iter", {n: float(v) for n, v in line.items() if isinstance(v, (int, float))}, k)
 
     def _client_state(self):
@@ -578,15 +589,67 @@ class COMALTrainer(DPOTrainer):
         args = self.args
         tag = f"iter{self.iteration:03d}_step{self.micro_step:06d}"
         if not self.disable_ds_ckpt:
-            self.strategy.save_ckpt(
-                self.model.model, args.ckpt.path, tag, args.ckpt.max_num, args.ckpt.max_mem, self._client_state()
-            )
+            try:
+                with guarded(os.path.join(args.ckpt.path, tag), "save the checkpoint"):
+                    self.strategy.save_ckpt(
+                        self.model.model, args.ckpt.path, tag, args.ckpt.max_num, args.ckpt.max_mem,
+                        self._client_state(),
+                    )  # fmt: skip
+            except StorageError:
+                self._drop_partial_checkpoint(tag)
+                raise
+            self._last_good_tag = tag
         if self.save_hf_ckpt:
-            self.strategy.save_model(self.model, self.tokenizer, os.path.join(args.ckpt.path, f"{tag}_hf"))
+            with guarded(os.path.join(args.ckpt.path, f"{tag}_hf"), "save the HF checkpoint"):
+                self.strategy.save_model(self.model, self.tokenizer, os.path.join(args.ckpt.path, f"{tag}_hf"))
         self.strategy.print(
             f"[comal] checkpoint saved ({reason}): iteration {self.iteration}, micro-step {self.micro_step}, "
             f"global step {self.global_step}, anchor v{self.anchor_version}",
         )
+
+    def save_final(self, output_dir):
+        """The final model (weights, config, tokenizer) into ``output_dir``, written in full or not at all: saved into
+        a temporary folder inside it, read back (``storage.check_hf_dir``), fsynced, then moved in file by file. A
+        failed write is one StorageError on every rank (naming the path and the free space); the checkpoints are
+        untouched, so the run can be resumed after freeing space."""
+        tmp = os.path.join(output_dir, ".final.partial")
+        rank0 = self.strategy.is_rank_0()
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        error = None
+        try:
+            with guarded(tmp, "save the final model to"):
+                self.strategy.save_model(self.model, self.tokenizer, tmp)
+        except StorageError as e:  # only rank 0 writes; it left save_model before the barrier the others wait in
+            error = e
+            if dist.is_initialized():
+                dist.barrier()
+        if rank0 and error is None:
+            try:
+                publish_dir(tmp, output_dir)
+            except StorageError as e:
+                error = e
+        if rank0 and error is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.world > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise error
+
+    def _drop_partial_checkpoint(self, tag):
+        """After a failed save: remove the half-written tag folder and point ``latest`` back at the last complete
+        checkpoint, so a resume never loads a partial one."""
+        if not self.strategy.is_rank_0():
+            return
+        shutil.rmtree(os.path.join(self.args.ckpt.path, tag), ignore_errors=True)
+        latest = os.path.join(self.args.ckpt.path, "latest")
+        with contextlib.suppress(StorageError, OSError):
+            if self._last_good_tag:
+                write_atomic(latest, self._last_good_tag)
+            elif os.path.exists(latest):
+                os.remove(latest)
 
     def anchor_path(self, version):
         return os.path.join(self.state_dir, f"anchor_v{version:03d}.pt")
@@ -641,8 +704,7 @@ class COMALTrainer(DPOTrainer):
             self._resumed = (record, saved["stats"])
         if self.strategy.is_rank_0():  # the log holds exactly the finished iterations of this checkpoint
             os.makedirs(os.path.dirname(self.history_path) or ".", exist_ok=True)
-            with open(self.history_path, "w") as f:
-                f.writelines(json.dumps(h) + "\n" for h in self.history)
+            write_atomic(self.history_path, "".join(json.dumps(h) + "\n" for h in self.history))
         self.strategy.print(
             f"[comal] resumed: iteration {self.iteration}, micro-step {self.micro_step}, "
             f"global step {self.global_step}, anchor v{self.anchor_version}, "
@@ -706,9 +768,7 @@ class WinrateProbe:
         self.start_samples = self._generate(trainer, trainer.model)
         if trainer.strategy.is_rank_0():
             os.makedirs(trainer.state_dir, exist_ok=True)
-            with open(path + ".tmp", "w") as f:
-                json.dump(self.start_samples, f)
-            os.replace(path + ".tmp", path)
+            write_json(path, self.start_samples)
 
     def __call__(self, trainer):
         from comal_openrlhf.evaluate import winrate

@@ -7,8 +7,6 @@ rank; without ``modifier_rank`` the write is silently lost (the flaw of openrlhf
 ``moving_average``, which gathers without it).
 """
 
-import os
-
 import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel
@@ -79,9 +77,3 @@ def load_weights(model, state):
                     q.data.copy_(state[name])
         else:
             q.data.copy_(state[name])
-
-
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
