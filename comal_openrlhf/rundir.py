@@ -3,10 +3,10 @@
 A run writes DeepSpeed checkpoints to ``--ckpt.path``, its COMAL state (iteration records, anchors) to
 ``<ckpt.path>_comal`` and its history ``comal_iterations.jsonl`` plus the final model to ``--ckpt.output_dir``.
 
-- Lock: the first run holds ``<ckpt.path>_comal/run.lock`` (pid, host, start time) until it exits; a second run on
-  the same directories is refused, naming the holder. A lock whose process is gone (same host, pid not running) is
-  reported and taken over, so a run killed by SIGKILL or the OOM killer can be resumed; a lock from another host
-  cannot be checked and is refused with the path to delete.
+- Lock: the first run holds ``<ckpt.path>_comal/run.lock`` and ``<ckpt.output_dir>/.comal_run.lock`` (pid, host,
+  start time) until it exits; a second run sharing either folder is refused, naming the holder. A lock whose process
+  is gone (same host, pid not running) is reported and taken over, so a run killed by SIGKILL or the OOM killer can
+  be resumed; a lock from another host cannot be checked and is refused with the path to delete.
 - Fresh run (no ``--ckpt.load_enable``, or nothing to load) into directories that hold an earlier run's history,
   state or checkpoints: refused, naming what is there and the ways out (resume it, new directories, or
   ``--comal.overwrite``, which moves the old files aside as ``*.old-TIME`` and says so). Appending to the old
@@ -21,6 +21,7 @@ import time
 from comal_openrlhf.errors import PlanError, RunLockError
 
 HISTORY = "comal_iterations.jsonl"
+OUTPUT_LOCK = ".comal_run.lock"
 
 
 def _alive(pid):
@@ -41,47 +42,64 @@ class RunDirectory:
         self.history_path = os.path.join(output_dir, HISTORY)
         self.lock_path = os.path.join(self.state_dir, "run.lock")
         self.is_rank_0 = is_rank_0
-        self.held = False
+        self.held = []  # lock files this process holds
 
     # ----------------------------------------------------------------------- lock
     def lock(self, say=print):
-        """Take the run lock (rank 0). Raises RunLockError while another live process holds it."""
-        os.makedirs(self.state_dir, exist_ok=True)
+        """Take the run lock of every folder the run writes (rank 0): ``<ckpt.path>_comal/run.lock`` and
+        ``<ckpt.output_dir>/.comal_run.lock``. Raises RunLockError while another live process holds either (and then
+        holds neither itself)."""
+        try:
+            for path, flag in self.lock_paths():
+                self._take(path, flag, say)
+        except BaseException:
+            self.unlock()
+            raise
+
+    def lock_paths(self):
+        paths = [(self.lock_path, f"--ckpt.path {self.ckpt_path}")]
+        out = os.path.join(self.output_dir, OUTPUT_LOCK)
+        if os.path.abspath(os.path.dirname(out)) != os.path.abspath(self.state_dir):
+            paths.append((out, f"--ckpt.output_dir {self.output_dir}"))
+        return paths
+
+    def _take(self, lock_path, flag, say):
+        os.makedirs(os.path.dirname(lock_path), exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(2):
             try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = self._holder()
+                holder = self._holder(lock_path)
                 if holder is None:
                     continue  # released between our attempt and the read
                 if holder.get("host") != me["host"]:
                     raise RunLockError(
-                        f"{self.lock_path} is held by process {holder.get('pid')} on host {holder.get('host')} "
-                        f"(since {holder.get('started')}); another run is using --ckpt.path {self.ckpt_path}. If "
-                        "that run is gone, delete the lock file; else use another --ckpt.path"
+                        f"{lock_path} is held by process {holder.get('pid')} on host {holder.get('host')} "
+                        f"(since {holder.get('started')}); another run is using {flag}. If that run is gone, delete "
+                        "the lock file; else use another folder"
                     ) from None
                 if _alive(int(holder.get("pid", -1))):
                     raise RunLockError(
-                        f"another run (process {holder['pid']}, since {holder.get('started')}) is using "
-                        f"--ckpt.path {self.ckpt_path} (lock {self.lock_path}); wait for it to finish or use another "
-                        "--ckpt.path"
+                        f"another run (process {holder['pid']}, since {holder.get('started')}) is using {flag} "
+                        f"(lock {lock_path}); wait for it to finish or use another folder"
                     ) from None
                 say(
-                    f"[comal] taking over a stale lock {self.lock_path}: process {holder.get('pid')} "
+                    f"[comal] taking over a stale lock {lock_path}: process {holder.get('pid')} "
                     f"(started {holder.get('started')}) is no longer running"
                 )
-                os.remove(self.lock_path)
+                os.remove(lock_path)
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
-            self.held = True
+            self.held.append(lock_path)
             return
-        raise RunLockError(f"could not take the lock {self.lock_path}")
+        raise RunLockError(f"could not take the lock {lock_path}")
 
-    def _holder(self):
+    @staticmethod
+    def _holder(lock_path):
         try:
-            with open(self.lock_path) as f:
+            with open(lock_path) as f:
                 return json.load(f)
         except FileNotFoundError:
             return None
@@ -89,12 +107,12 @@ class RunDirectory:
             return {"pid": -1, "host": socket.gethostname(), "started": "unknown (unreadable lock file)"}
 
     def unlock(self):
-        if self.held:
+        for path in reversed(self.held):
             try:
-                os.remove(self.lock_path)
+                os.remove(path)
             except FileNotFoundError:
                 pass
-            self.held = False
+        self.held = []
 
     # ------------------------------------------------------------------ fresh run
     def earlier_run(self):
