@@ -152,10 +152,12 @@ class RowFormatter:
         """Errors that stop the run (they say the file is not in the expected format): not an object, missing key."""
         if not isinstance(row, dict):
             raise DataError(f"{origin}: expected a JSON object, got {type(row).__name__}")
-        missing = [k for k in self.keys() if k not in row]
+        # a key a tabular dataset lacks in some rows reads as None there: the same error as a missing key
+        missing = [k for k in self.keys() if row.get(k) is None]
         if missing:
+            present = sorted(k for k, v in row.items() if v is not None)
             raise DataError(
-                f"{origin}: missing key(s) {missing}; the row has {sorted(row)} "
+                f"{origin}: missing key(s) {missing}; the row has {present} "
                 "(set --data.prompt_key / --data.chosen_key / --data.rejected_key)"
             )
         if self.need_winrates and (row.get("chosen_winrate") is None or row.get("rejected_winrate") is None):
@@ -258,6 +260,47 @@ def read_jsonl(path, max_line_bytes=None, skips: Optional[SkipLog] = None):
                 raise DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
+DATA_FILE_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
+
+
+def check_dataset_spec(spec, flag):
+    """Before anything loads: each comma-separated entry of a ``blending_datasets`` spec that names a local file
+    (OpenRLHF's data-file extensions, or a path that starts with / or .) must exist and hold at least one row;
+    hub names are left to the loader. BadInputError naming the flag and the file otherwise."""
+    for entry in str(spec).split(","):
+        name = entry.split("@")[0].strip()
+        if not name:
+            raise BadInputError(f"{flag} {spec!r}: an empty dataset name")
+        local = name.lower().endswith(DATA_FILE_EXTENSIONS) or name.startswith(("/", "./", "../", "~"))
+        if not local:
+            continue
+        path = os.path.expanduser(name)
+        if not os.path.exists(path):
+            raise BadInputError(f"{flag} {name}: no such file or folder")
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                head = f.read(1 << 16)
+            if not head.strip(b" \t\r\n\xef\xbb\xbf"):
+                raise BadInputError(f"{flag} {name}: the file is empty (no rows)")
+
+
+def load_dataset_or_error(spec, flag, load):
+    """``load()`` (a ``blending_datasets`` call on ``spec``) with the loader's failures as one BadInputError naming
+    the flag: a missing file, an empty one (the datasets library raises a bare StopIteration), a hub name that
+    cannot be reached, a file it cannot parse."""
+    check_dataset_spec(spec, flag)
+    try:
+        return load()
+    except (OSError, ValueError, StopIteration, KeyError, TypeError, AssertionError) as e:
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"{flag} {spec}: cannot load it ({type(e).__name__}: {reason})") from None
+    except Exception as e:  # datasets' own DatasetGenerationError and friends  # noqa: BLE001
+        if type(e).__module__.split(".")[0] not in ("datasets", "pyarrow", "huggingface_hub"):
+            raise
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"{flag} {spec}: cannot load it ({type(e).__name__}: {reason})") from None
+
+
 def load_train_data(args, strategy):
     """``--data.dataset`` through OpenRLHF's ``blending_datasets``, as train_dpo reads it (probabilities, split,
     ``--data.max_samples``)."""
@@ -265,31 +308,33 @@ def load_train_data(args, strategy):
 
 
 def _blend(d, strategy, seed):
-    data = blending_datasets(
-        d.dataset, d.dataset_probs, strategy, seed, max_count=d.max_samples, dataset_split=d.dataset_split
-    )
+    def load():
+        return blending_datasets(
+            d.dataset, d.dataset_probs, strategy, seed, max_count=d.max_samples, dataset_split=d.dataset_split
+        )
+
+    data = load_dataset_or_error(d.dataset, "--data.dataset", load)
     return data.select(range(min(d.max_samples, len(data))))
 
 
 def load_prompts(data_args, strategy, seed):
     """The raw prompts of ``--data.dataset`` under ``--data.prompt_key`` as (origin, prompt) pairs, plus the SkipLog
-    of empty prompts (counted, not kept). A row without the key is an error naming the row."""
+    of empty prompts (counted, not kept). A row without the key (or null there: a tabular dataset fills a key some
+    rows lack with None) is an error naming the row (1-based), the rule of the pair sources too."""
     d = data_args
     if not d.dataset:
         raise BadInputError("prompts needed: --data.dataset")
     if not d.prompt_key:
         raise BadInputError("prompts need --data.prompt_key (the prompt column)")
-    try:
-        data = _blend(d, strategy, seed)
-    except (OSError, ValueError) as e:
-        raise BadInputError(f"--data.dataset {d.dataset}: {e}") from None
+    data = _blend(d, strategy, seed)
     prompts, skips = [], SkipLog()
     for i, row in enumerate(data):
-        origin = f"{d.dataset}:row {i}"
-        if d.prompt_key not in row:
-            raise BadInputError(f"{origin}: missing prompt key {d.prompt_key!r}; the row has {sorted(row)}")
+        origin = f"{d.dataset}:row {i + 1}"
+        if row.get(d.prompt_key) is None:
+            present = sorted(k for k, v in row.items() if v is not None)
+            raise BadInputError(f"{origin}: missing prompt key {d.prompt_key!r}; the row has {present}")
         raw = row[d.prompt_key]
-        if raw is None or (isinstance(raw, str) and not raw.strip()):
+        if isinstance(raw, str) and not raw.strip():
             skips.skip("empty prompt", origin)
             continue
         prompts.append((origin, raw))
@@ -394,12 +439,12 @@ class StaticSource(IterationSource):
 
     def validate(self, iterations):
         for i, row in enumerate(self.raw):
-            self.formatter.check_keys(row, f"{self.label}:row {i}")
+            self.formatter.check_keys(row, f"{self.label}:row {i + 1}")
 
     def pairs(self, k, policy=None):
         if self._pairs is None:  # the same pairs every iteration: format once
             skips = SkipLog()
-            rows = (self.formatter(row, f"{self.label}:row {i}", skips) for i, row in enumerate(self.raw))
+            rows = (self.formatter(row, f"{self.label}:row {i + 1}", skips) for i, row in enumerate(self.raw))
             self._pairs = ([p for p in rows if p], skips)
         pairs, skips = self._pairs
         return list(pairs), {"source": self.label, "skips": skips}

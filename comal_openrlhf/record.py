@@ -55,12 +55,13 @@ def weights_normalised(weight: torch.Tensor) -> torch.Tensor:
     sum_i w_i l_i / B: the iteration's weighted mean with one normaliser, known before training. A per-micro-batch
     mean sum(w l) / sum(w) would cancel the weights entirely with one pair per micro-batch.
     """
-    weight = weight.to(torch.float32)
+    weight = weight.to(torch.float64)
     if weight.numel() == 0:
-        return weight
-    if not torch.isfinite(weight).all() or (weight < 0).any() or not weight.sum() > 0:
+        return weight.float()
+    if not torch.isfinite(weight).all() or (weight < 0).any() or not weight.max() > 0:
         raise ValueError("pair weights must be finite, non-negative and not all zero")
-    return weight * (weight.numel() / weight.sum())
+    weight = weight / weight.max()  # in [0, 1] first: weights near the float range (1e308) cannot overflow the sum
+    return (weight * (weight.numel() / weight.sum())).float()
 
 
 @dataclass(frozen=True)
@@ -81,15 +82,15 @@ class IterationRecord:
     def from_pairs(cls, pairs) -> "IterationRecord":
         pairs = tuple(pairs)
 
-        def column(name):
-            return torch.tensor([float(getattr(p, name)) for p in pairs], dtype=torch.float32)
+        def column(name, dtype=torch.float32):
+            return torch.tensor([float(getattr(p, name)) for p in pairs], dtype=dtype)
 
         return cls(
             pairs=pairs,
             chosen_winrate=column("chosen_winrate"),
             rejected_winrate=column("rejected_winrate"),
             soft_label=column("soft_label"),
-            weight=weights_normalised(column("weight")),
+            weight=weights_normalised(column("weight", torch.float64)),  # float64: a weight may exceed float32
         )
 
     def __len__(self) -> int:

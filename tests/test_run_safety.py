@@ -77,6 +77,26 @@ def test_probabilities_must_be_numbers_in_0_1_not_booleans():
     assert pair.soft_label == 0.7 and pair.weight == 2.0 and pair.origin == "f:3"
 
 
+def test_a_null_key_is_the_missing_key_error_of_every_source():
+    # a tabular (parquet / HF) dataset fills a key some rows lack with None: the same stop as a missing key, with the
+    # row's 1-based origin, for static rows as for offline files (issue 18: it was a "non-string" skip, 0-based)
+    f = _formatter()
+    with pytest.raises(DataError, match=r"data.jsonl:row 3: missing key\(s\) \['rejected'\]; the row has"):
+        f({**ROW, "rejected": None}, "data.jsonl:row 3", SkipLog())
+    skips = SkipLog()
+    assert f({**ROW, "rejected": 3}, "data.jsonl:row 4", skips) is None  # a value of the wrong type stays a skip
+    assert skips.counts == {"non-string rejected": 1}
+
+
+def test_huge_pair_weights_normalise_without_overflow():
+    import torch
+
+    from comal_openrlhf.record import weights_normalised
+
+    w = weights_normalised(torch.tensor([1e308, 1e308, 5e307], dtype=torch.float64))
+    assert torch.allclose(w, torch.tensor([1.2, 1.2, 0.6]))
+
+
 def test_a_huge_response_is_cut_before_it_is_tokenised():
     f = _formatter(max_len=8)
     skips = SkipLog()
@@ -125,6 +145,21 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
         json.dump({"pid": 1, "host": "elsewhere", "started": "earlier"}, f)
     with pytest.raises(RunLockError, match="on host elsewhere.*delete the lock file"):
         RunDirectory(str(tmp_path / "ckpt"), str(tmp_path / "out")).lock()
+
+
+def test_the_lock_covers_the_output_folder_too(tmp_path):
+    # issue 18: two runs with their own --ckpt.path but one --ckpt.output_dir both ran, the history listing every
+    # iteration twice; the second is now refused on the output folder's lock
+    first = RunDirectory(str(tmp_path / "ckpt_a"), str(tmp_path / "out"))
+    first.lock()
+    assert os.path.exists(tmp_path / "out" / ".comal_run.lock")
+    with pytest.raises(RunLockError, match=r"another run \(process .* is using --ckpt.output_dir .*out "):
+        RunDirectory(str(tmp_path / "ckpt_b"), str(tmp_path / "out")).lock()
+    first.unlock()
+    assert not os.path.exists(tmp_path / "out" / ".comal_run.lock")
+    second = RunDirectory(str(tmp_path / "ckpt_b"), str(tmp_path / "out"))
+    second.lock()
+    second.unlock()
 
 
 def test_fresh_run_into_a_used_directory_is_refused_or_moved_aside(tmp_path):
