@@ -15,6 +15,7 @@ On a machine without CUDA the plugin's CPU runtime is applied first (comal_openr
 import argparse
 import ast
 import importlib.util
+import math
 import os
 import sys
 from datetime import datetime  # noqa: F401  (train_dpo's parser statements use it)
@@ -22,7 +23,7 @@ from datetime import datetime  # noqa: F401  (train_dpo's parser statements use 
 from openrlhf.datasets.utils import blending_datasets
 
 from comal_openrlhf import cpu_runtime
-from comal_openrlhf.data import OfflineSource, PairDataset, RowFormatter, SkipLog, StaticSource
+from comal_openrlhf.data import OfflineSource, PairDataset, RowFormatter, SkipLog, StaticSource, check_dataset_spec
 from comal_openrlhf.errors import BadInputError, COMALError, PlanError
 from comal_openrlhf.judges import build_judge
 from comal_openrlhf.logps import LOGPS_KERNELS
@@ -30,6 +31,7 @@ from comal_openrlhf.losses import NEEDS_WIN_RATES
 from comal_openrlhf.online import OnlineSource, add_online_args
 from comal_openrlhf.rundir import RunDirectory
 from comal_openrlhf.schedule import ALGO_HELP, PRESETS, PROXES, resolve_plan
+from comal_openrlhf.storage import check_writable
 
 
 def _train_dpo_main():
@@ -273,6 +275,11 @@ def make_source(args, strategy, tokenizer, plan):
             raise BadInputError("--comal.source offline needs --comal.pairs_dir")
         return OfflineSource(args.comal.pairs_dir, formatter)
     if not args.data.dataset:
+        if args.comal.pairs_dir:
+            raise BadInputError(
+                f"--comal.source static reads the pairs of --data.dataset, which is not given; --comal.pairs_dir "
+                f"{args.comal.pairs_dir} is read by --comal.source offline"
+            )
         raise BadInputError("no pairs: give --comal.pairs_dir (offline), --data.dataset (static) or --judge.kind")
     return StaticSource(args, strategy, formatter)
 
@@ -282,7 +289,7 @@ def load_eval_pairs(args, strategy, tokenizer, prox):
     data = blending_datasets(args.eval.dataset, None, strategy, dataset_split=args.eval.split)
     formatter = RowFormatter(args.data, tokenizer, args.data.max_len, need_winrates=prox in NEEDS_WIN_RATES)
     skips = SkipLog()
-    pairs = [p for p in (formatter(row, f"{args.eval.dataset}:row {i}", skips) for i, row in enumerate(data)) if p]
+    pairs = [p for p in (formatter(row, f"{args.eval.dataset}:row {i + 1}", skips) for i, row in enumerate(data)) if p]
     if skips.total():
         strategy.print(f"[comal] eval pairs skipped: {skips.summary()}")
     if not pairs:
@@ -363,7 +370,7 @@ def train(args):
     try:
         trainer = build_trainer(args, strategy, run_dir)
         trainer.fit()
-        strategy.save_model(trainer.model, trainer.tokenizer, args.ckpt.output_dir)
+        trainer.save_final(args.ckpt.output_dir)
     finally:
         run_dir.unlock()
 
@@ -509,10 +516,85 @@ def build_trainer(args, strategy, run_dir):
     return trainer
 
 
+def _number_error(flag, value, rule):
+    return PlanError(f"{flag} must be {rule}, got {value}")
+
+
+def check_model_path(path, flag):
+    """A model folder with a config.json, or a name the hub cache resolves; BadInputError naming the flag."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise BadInputError(f"{flag} {path}: the folder has no config.json (not a Hugging Face model folder)")
+        return
+    if os.path.exists(path):
+        raise BadInputError(f"{flag} {path}: a file, not a model folder")
+    if path.startswith(("/", "./", "../", "~")) or path.count("/") != 1:  # a hub id is exactly ORG/NAME
+        raise BadInputError(f"{flag} {path}: no such folder")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - hub/cache failures come in many types; the reason is kept
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"{flag} {path}: no such folder, and not loadable as a hub model ({reason})") from None
+
+
+def preflight(args):
+    """Every check that needs no model, run on every rank before anything loads: numbers in range, the batch
+    arithmetic, input files present and not empty, model folders present, output folders writable. Raises a
+    COMALError naming the flag (one line at the command line)."""
+    t, ro = args.train, getattr(args, "rollout", None)
+    for flag, value in (("--train.batch_size", t.batch_size), ("--train.micro_batch_size", t.micro_batch_size),
+                        ("--train.max_epochs", t.max_epochs), ("--data.max_len", args.data.max_len)):  # fmt: skip
+        if not (isinstance(value, int) and value >= 1):
+            raise _number_error(flag, value, "an integer >= 1")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = max(1, world // max(1, args.ds.ring_attn_size) // max(1, getattr(args.ds, "tensor_parallel_size", 1)))
+    if t.batch_size % (t.micro_batch_size * dp):
+        raise PlanError(
+            f"--train.batch_size {t.batch_size} must be a multiple of --train.micro_batch_size {t.micro_batch_size} "
+            f"x {dp} data-parallel rank(s) = {t.micro_batch_size * dp} (the rest becomes gradient accumulation)"
+        )
+    if not (math.isfinite(args.adam.lr) and args.adam.lr >= 0):
+        raise _number_error("--adam.lr", args.adam.lr, "a finite number >= 0")
+    if not (math.isfinite(args.model.label_smoothing) and 0 <= args.model.label_smoothing < 0.5):
+        raise _number_error("--model.label_smoothing", args.model.label_smoothing, "in [0, 0.5)")
+    if not (math.isfinite(args.max_norm) and args.max_norm >= 0):
+        raise _number_error("--max_norm", args.max_norm, "a finite number >= 0 (0 = no clipping)")
+    if not (math.isfinite(args.lr_warmup_ratio) and 0 <= args.lr_warmup_ratio <= 1):
+        raise _number_error("--lr_warmup_ratio", args.lr_warmup_ratio, "in [0, 1]")
+    if ro is not None and source_kind(args) == "online":
+        low = 0.0 if ro.backend == "vllm" else None  # vLLM: temperature 0 is greedy; HF sampling needs T > 0
+        if not (math.isfinite(ro.temperature) and (ro.temperature > 0 or ro.temperature == low)):
+            rule = "a number >= 0" if low is not None else "a number > 0 (HF sampling)"
+            raise _number_error("--rollout.temperature", ro.temperature, rule)
+        if not (math.isfinite(ro.top_p) and 0 < ro.top_p <= 1):
+            raise _number_error("--rollout.top_p", ro.top_p, "in (0, 1]")
+        for flag, value in (("--rollout.max_new_tokens", ro.max_new_tokens),
+                            ("--rollout.prompts_per_iteration", ro.prompts_per_iteration),
+                            ("--rollout.generate_batch_size", ro.generate_batch_size)):  # fmt: skip
+            if value < 1:
+                raise _number_error(flag, value, "an integer >= 1")
+    if args.comal.pairs_dir and source_kind(args) == "offline" and not os.path.isdir(args.comal.pairs_dir):
+        raise BadInputError(f"--comal.pairs_dir {args.comal.pairs_dir}: no such directory")
+    if args.data.dataset and source_kind(args) != "offline":  # the offline source reads --comal.pairs_dir only
+        check_dataset_spec(args.data.dataset, "--data.dataset")
+    if getattr(args.eval, "dataset", None):
+        check_dataset_spec(args.eval.dataset, "--eval.dataset")
+    check_model_path(args.model.model_name_or_path, "--model.model_name_or_path")
+    if args.ref.model_name_or_path != args.model.model_name_or_path:
+        check_model_path(args.ref.model_name_or_path, "--ref.model_name_or_path")
+    if not args.ckpt.disable_ds:
+        check_writable(args.ckpt.path, "--ckpt.path")
+    check_writable(args.ckpt.path.rstrip("/") + "_comal", "the COMAL state folder (--ckpt.path + _comal)")
+    check_writable(args.ckpt.output_dir, "--ckpt.output_dir")
+
+
 def main(argv=None):
     cpu_runtime.apply()
     args = parse_args(argv)
     try:
+        preflight(args)
         train(args)
     except COMALError as e:  # every rank raises the same typed error: one clear message and exit 2 on each
         print(f"[comal] error: {e}", file=sys.stderr, flush=True)
