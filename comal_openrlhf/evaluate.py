@@ -43,6 +43,7 @@ OpenRLHF Actor / DeepSpeed engine) and returns ``WinRate(mean, ci_low, ci_high, 
 import argparse
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -53,7 +54,9 @@ from collections import namedtuple
 import numpy as np
 import torch
 
-from comal_openrlhf.errors import BadInputError, JudgeError
+from comal_openrlhf.errors import BadInputError, ImpossibleResultError, JudgeError
+from comal_openrlhf.game import duality_gap
+from comal_openrlhf.storage import append_lines, guarded, write_atomic, write_json
 
 # --------------------------------------------------------------------------------------------- exact game mode
 
@@ -64,13 +67,33 @@ def option_logps(model, tokenizer, prompt_text, labels):
     return option_logps_tensor(model, tokenizer, prompt_text, labels).cpu().numpy().astype(np.float64)
 
 
+def option_ids(tokenizer, prompt_text, labels):
+    """(prompt ids, [ids of prompt + label + " " + EOS for each label]), checked: the prompt's tokens must be a
+    prefix of every option's and the option's own tokens must read back as the label followed by EOS. Otherwise the
+    log-prob is that of another sequence (e.g. a prompt ending in "?" and the label "a" joined into the one unknown
+    token "?a" for every label), and the options' masses no longer sum to at most 1."""
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    seqs = []
+    for lab in labels:
+        ids = tokenizer(prompt_text + lab + " " + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        tail = ids[len(prompt_ids) :]
+        if ids[: len(prompt_ids)] != prompt_ids:
+            why = "the prompt's tokens are not a prefix of prompt + label (the tokenizer joins them across the seam)"
+        elif not tail or tail[-1] != tokenizer.eos_token_id or tokenizer.decode(tail[:-1]).strip() != lab.strip():
+            why = f"prompt + label tokenises to {tokenizer.decode(tail)!r} after the prompt, not the label then EOS"
+        else:
+            seqs.append(ids)
+            continue
+        raise BadInputError(
+            f"exact mode: option {lab!r} after the prompt {prompt_text[-60:]!r}: {why}; use the prompt format the "
+            "policies were trained with (e.g. --data.apply_chat_template, or --data.input_template ending in a space)"
+        )
+    return prompt_ids, seqs
+
+
 def option_logps_tensor(model, tokenizer, prompt_text, labels):
     """``option_logps`` as a float32 tensor on the model's device, differentiable when grad is enabled."""
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    seqs = [
-        tokenizer(prompt_text + lab + " " + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        for lab in labels
-    ]
+    prompt_ids, seqs = option_ids(tokenizer, prompt_text, labels)
     n = max(map(len, seqs))
     ids = torch.full((len(seqs), n), tokenizer.pad_token_id, dtype=torch.long)
     att = torch.zeros_like(ids)
@@ -87,13 +110,33 @@ def option_logps_tensor(model, tokenizer, prompt_text, labels):
     return (logp * mask).sum(-1)
 
 
+MASS_TOLERANCE = 1e-3  # float32 log-softmax sums: a total above 1 + this is no rounding
+
+
+def option_masses(model, tokenizer, prompt_text, labels):
+    """pi(label + EOS | prompt) for each label, checked to be a sub-distribution (ImpossibleResultError otherwise)."""
+    mass = np.exp(option_logps(model, tokenizer, prompt_text, labels))
+    if not (np.isfinite(mass).all() and mass.sum() <= 1 + MASS_TOLERANCE):
+        raise ImpossibleResultError(
+            f"exact mode: the options {list(labels)} after the prompt {prompt_text[-60:]!r} have total probability "
+            f"{mass.sum():.4f} > 1, which no distribution has: their sequences overlap or the log-probs are broken"
+        )
+    return mass
+
+
+def checked_gap(gap, what):
+    """A duality gap is in [0, 1]; anything else is a computation gone wrong, never a result to print."""
+    if not (-1e-9 <= gap <= 1 + 1e-9):
+        raise ImpossibleResultError(f"{what}: duality gap {gap:.4f} is outside [0, 1]")
+    return gap
+
+
 def game_report(model, tokenizer, prompt_text, P, labels):
     """{'policy', 'invalid_mass', 'duality_gap'} of the model on one prompt of the game P."""
-    lp = option_logps(model, tokenizer, prompt_text, labels)
-    mass = np.exp(lp)
+    mass = option_masses(model, tokenizer, prompt_text, labels)
     total = mass.sum()
     p = mass / total
-    gap = float(2 * np.max(np.asarray(P) @ p) - 1)
+    gap = checked_gap(duality_gap(np.asarray(P, dtype=np.float64), p), f"prompt {prompt_text[-60:]!r}")
     return {"policy": p.tolist(), "invalid_mass": float(max(0.0, 1.0 - total)), "duality_gap": gap}
 
 
@@ -117,12 +160,12 @@ def exact_policy(model, tokenizer, prompt_texts, P, labels):
     Q = extended_game(P)
     rows, gaps, gaps_ext = [], [], []
     for text in prompt_texts:
-        mass = np.exp(option_logps(model, tokenizer, text, labels))
+        mass = option_masses(model, tokenizer, text, labels)
         q = np.append(mass, max(0.0, 1.0 - mass.sum()))
         rows.append(q)
-        p = mass / mass.sum()
-        gaps.append(2 * np.max(P @ p) - 1)
-        gaps_ext.append(2 * np.max((Q @ q)[:-1]) - 1)  # the best response is a label
+        gaps.append(checked_gap(duality_gap(P, mass / mass.sum()), f"prompt {text[-60:]!r}"))
+        # the best response is a label: Q's last row (invalid) is never it
+        gaps_ext.append(checked_gap(2 * np.max((Q @ q)[:-1]) - 1, f"prompt {text[-60:]!r} (with invalid outputs)"))
     rows = np.array(rows)
     pol = rows[:, :-1] / rows[:, :-1].sum(1, keepdims=True)
     return {
@@ -138,13 +181,15 @@ def exact_matrix(per_prompt, P):
     """{row: {col: P(row beats col)}} from each policy's per-prompt distributions over options + invalid."""
     Q = extended_game(P)
     names = list(per_prompt)
-    return {
-        r: {
-            c: float(np.mean(np.einsum("pi,ij,pj->p", np.array(per_prompt[r]), Q, np.array(per_prompt[c]))))
-            for c in names
-        }
-        for r in names
-    }
+    out = {}
+    for r in names:
+        out[r] = {}
+        for c in names:
+            v = float(np.mean(np.einsum("pi,ij,pj->p", np.array(per_prompt[r]), Q, np.array(per_prompt[c]))))
+            if not -1e-9 <= v <= 1 + 1e-9:
+                raise ImpossibleResultError(f"exact mode: P({r} beats {c}) = {v:.4f} is not a probability")
+            out[r][c] = v
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- statistics
@@ -239,8 +284,7 @@ class CachedJudge:
             new = {keys[i]: float(p) for i, p in zip(todo, got)}
             self.memo.update(new)
             if self.path:
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write("".join(json.dumps({"k": k, "p": p}) + "\n" for k, p in new.items()))
+                append_lines(self.path, [json.dumps({"k": k, "p": p}) for k, p in new.items()])
         return np.array([self.memo[k] for k in keys], dtype=np.float64)
 
 
@@ -536,7 +580,13 @@ def build_parser():
     )
     g.add_argument("--eval.exact_prompts", type=int, default=16, help="Prompts used by the exact mode (the first N)")
     p.add_argument("--seed", type=int, default=0, help="Sampling and bootstrap seed")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="auto: bf16 on CUDA")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help="auto: the dtype each checkpoint was saved in (config.json), as the demo trains and measures it; the "
+        "dtype used is reported per policy",
+    )
     p.add_argument("--out", default="eval_out", help="Directory for matrix.csv, results.json, heatmap.png")
     p.add_argument("--cache", default=None, help="Cache directory (default: OUT/cache)")
     p.add_argument("--no_cache", action="store_true", default=False, help="Neither read nor write the cache")
@@ -566,8 +616,7 @@ def _load_policy(path, dtype):
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bf16" if device == "cuda" else "fp32"
+    dtype = checkpoint_dtype(path) if dtype == "auto" else dtype
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     tok = _load_tokenizer(path)
     try:
@@ -575,7 +624,21 @@ def _load_policy(path, dtype):
     except (OSError, ValueError) as e:
         raise BadInputError(f"cannot load the policy {path}: {e}") from None
     model.eval()
+    model.comal_dtype = dtype  # reported with the results: an exact gap depends on it (bf16 vs fp32 log-probs)
     return model, tok
+
+
+def checkpoint_dtype(path):
+    """The dtype the checkpoint was saved in (config.json's ``torch_dtype`` / ``dtype``): bf16, fp16 or fp32 (the
+    default when the config says nothing). ``--dtype auto`` evaluates in it, so a policy trained and saved in bf16
+    (the demo on a CPU with native bf16) is measured as it was trained."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return "fp32"
+    name = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(name, "fp32")
 
 
 def vllm_sampler(a, path, seed):
@@ -667,8 +730,7 @@ def sample_policy(name, path, prompts, formatter_of, total, a, cache_dir, work, 
                         rows.append({"prompt": tkeys[p], "sample": i, "response": r})
                 work.generated += len(rows)
                 if cache_path:
-                    with open(cache_path, "a", encoding="utf-8") as f:
-                        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                    append_lines(cache_path, [json.dumps(r, ensure_ascii=False) for r in rows])
                 progress(len(chunk))
         if sampler is not None and hasattr(sampler, "close"):
             sampler.close()
@@ -714,13 +776,13 @@ def markdown(report):
             "",
             f"Exact (game over {ex['labels']}):",
             "",
-            "| policy | distribution | invalid mass | duality gap |",
+            "| policy | distribution | invalid mass | duality gap | dtype |",
         ]
-        lines.append("|---|---|---|---|")
+        lines.append("|---|---|---|---|---|")
         for name, e in ex["policies"].items():
             lines.append(
                 f"| {name} | {np.round(e['policy'], 3).tolist()} | {e['invalid_mass']:.3f} | {e['duality_gap']:.4f} "
-                f"(with invalid: {e['duality_gap_with_invalid']:.4f}) |"
+                f"(with invalid: {e['duality_gap_with_invalid']:.4f}) | {e.get('dtype', '?')} |"
             )
         lines += ["", "| exact | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for r in names:
@@ -739,28 +801,51 @@ def strict_json(obj):
     return obj
 
 
+def check_report(report):
+    """Every win rate and interval bound of the report is a probability and every gap estimate 2E - 1 is in
+    [-1, 1]: an impossible figure is an ImpossibleResultError naming the cell, never a number in a table."""
+
+    def prob(v, what):
+        if v is not None and not (isinstance(v, float) and math.isnan(v)) and not -1e-9 <= v <= 1 + 1e-9:
+            raise ImpossibleResultError(f"{what} = {v:.4f} is not a probability (a bug: please report it)")
+
+    m = report["matrix"]
+    for r in m["names"]:
+        for c in list(m["names"]) + ["avg"]:
+            cell = m["avg"][r] if c == "avg" else m["cells"][r][c]
+            for k in ("winrate", "ci_low", "ci_high"):
+                prob(cell.get(k), f"win rate of {r} against {c} ({k})")
+    for name, e in (report.get("exploitability") or {}).items():
+        prob(e.get("best_of_m_winrate"), f"best-of-m win rate against {name}")
+        for k in ("gap_estimate", "gap_ci_low", "gap_ci_high"):
+            v = e.get(k)
+            if isinstance(v, float) and not math.isnan(v) and not -1 - 1e-9 <= v <= 1 + 1e-9:
+                raise ImpossibleResultError(f"exploitability of {name} ({k}) = {v:.4f} is outside [-1, 1]")
+
+
 def write_outputs(report, out):
+    check_report(report)
     os.makedirs(out, exist_ok=True)
     m = report["matrix"]
-    with open(os.path.join(out, "matrix.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        keys = list(new_counts())
-        w.writerow(["row", "column", "winrate", "ci_low", "ci_high", "prompts"] + keys)
-        for r in m["names"]:
-            for c in m["names"]:
-                cell = m["cells"][r][c]
-                counts = cell["counts"] or {}
-                w.writerow(
-                    [r, c, cell["winrate"], cell["ci_low"], cell["ci_high"], cell["prompts"]]
-                    + [counts.get(k, "") for k in keys]
-                )
-            a = m["avg"][r]
-            w.writerow([r, "avg", a["winrate"], a["ci_low"], a["ci_high"], ""] + [""] * len(keys))
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(strict_json(report), f, indent=1)
-    with open(os.path.join(out, "matrix.md"), "w") as f:
-        f.write(markdown(report) + "\n")
-    heatmap(report, os.path.join(out, "heatmap.png"))
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    keys = list(new_counts())
+    w.writerow(["row", "column", "winrate", "ci_low", "ci_high", "prompts"] + keys)
+    for r in m["names"]:
+        for c in m["names"]:
+            cell = m["cells"][r][c]
+            counts = cell["counts"] or {}
+            w.writerow(
+                [r, c, cell["winrate"], cell["ci_low"], cell["ci_high"], cell["prompts"]]
+                + [counts.get(k, "") for k in keys]
+            )
+        a = m["avg"][r]
+        w.writerow([r, "avg", a["winrate"], a["ci_low"], a["ci_high"], ""] + [""] * len(keys))
+    write_atomic(os.path.join(out, "matrix.csv"), buf.getvalue())
+    write_json(os.path.join(out, "results.json"), strict_json(report), indent=1)
+    write_atomic(os.path.join(out, "matrix.md"), markdown(report) + "\n")
+    with guarded(os.path.join(out, "heatmap.png")):
+        heatmap(report, os.path.join(out, "heatmap.png"))
 
 
 def heatmap(report, path):
@@ -841,6 +926,7 @@ def evaluate(a):
         samples[name] = s
         if exact_on:
             exact[name] = exact_policy(model, tok, texts[: ev.exact_prompts], base_judge.P, base_judge.labels)
+            exact[name]["dtype"] = getattr(model, "comal_dtype", a.dtype)
         del model
     bar.close()
 

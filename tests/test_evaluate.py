@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from _util import REPO, run_cmd, write_jsonl
 
-from comal_openrlhf.errors import JudgeError
+from comal_openrlhf import evaluate as evaluate_module
+from comal_openrlhf.errors import BadInputError, ImpossibleResultError, JudgeError
 from comal_openrlhf.evaluate import (
     CachedJudge,
     bootstrap_mean,
@@ -21,8 +22,10 @@ from comal_openrlhf.evaluate import (
     exact_matrix,
     exploitability,
     extended_game,
+    game_report,
     head_to_head,
     new_counts,
+    option_ids,
     parse_policy_specs,
     winrate,
 )
@@ -163,6 +166,41 @@ def test_exact_matrix_of_the_extended_game():
     expect = np.array(q["u"][0]) @ Q @ np.array(q["v"][0])
     assert abs(m["u"]["v"] - expect) < 8 * EPS and abs(m["u"]["v"] + m["v"]["u"] - 1) < 8 * EPS
     assert abs(m["u"]["u"] - 0.5) < 8 * EPS
+
+
+def test_option_sequences_must_extend_the_prompt_by_the_label():
+    # issue 18: without the chat template the demo's prompt ends in "?" and "?a" is one unknown token for every label:
+    # each option then read the same sequence's probability, the total exceeded 1 and a win rate of 448% came out
+    from comal_openrlhf.tiny import DEFAULT_WORDS, build_tokenizer
+
+    tok = build_tokenizer(tuple(DEFAULT_WORDS) + ("b", "c"))
+    with pytest.raises(BadInputError, match=r"option 'a' after the prompt 'question pick one \?'.*not a prefix"):
+        option_ids(tok, PROMPT, ["a", "b", "c"])
+    with pytest.raises(BadInputError, match=r"option 'zebra'.*not the label then EOS.*--data.apply_chat_template"):
+        option_ids(tok, PROMPT + " ", ["a", "zebra"])
+    prompt_ids, seqs = option_ids(tok, PROMPT + " ", ["a", "b", "c"])
+    assert all(s[: len(prompt_ids)] == prompt_ids and s[-1] == tok.eos_token_id for s in seqs)
+    templated = tok.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+    )
+    option_ids(tok, templated, ["a", "b", "c"])
+
+
+def test_options_with_more_than_all_the_mass_are_an_error(monkeypatch):
+    monkeypatch.setattr(evaluate_module, "option_logps", lambda *a: np.log([0.6, 0.6, 0.6]))
+    with pytest.raises(ImpossibleResultError, match=r"total probability 1.8000 > 1"):
+        game_report(None, None, PROMPT, paper_judge().P, ["a", "b", "c"])
+    monkeypatch.setattr(evaluate_module, "option_logps", lambda *a: np.log([0.3, 0.3, 0.3]))
+    rep = game_report(None, None, PROMPT, paper_judge().P, ["a", "b", "c"])
+    assert rep["invalid_mass"] == pytest.approx(0.1) and 0 <= rep["duality_gap"] <= 1
+
+
+def test_exact_matrix_refuses_rows_that_are_not_distributions():
+    P = paper_judge().P
+    good = {"x": [[0.5, 0.3, 0.1, 0.1]], "y": [[0.2, 0.2, 0.2, 0.4]]}
+    exact_matrix(good, P)
+    with pytest.raises(ImpossibleResultError, match="is not a probability"):
+        exact_matrix({"x": [[3.0, 0.0, 0.0, 0.0]], "y": [[0.0, 3.0, 0.0, 0.0]]}, P)
 
 
 def test_cached_judge_answers_from_disk_and_repairs_a_torn_line(tmp_path):
