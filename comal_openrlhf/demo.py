@@ -39,6 +39,7 @@ import numpy as np
 
 from comal_openrlhf._cli import json_stdout
 from comal_openrlhf.errors import BadInputError
+from comal_openrlhf.storage import write_json
 
 PROMPT = "question pick one ?"
 ALGOS = ("comal", "inpo", "iter-ipo", "iter-dpo")
@@ -330,8 +331,7 @@ def run_demo(a):
         r: {c: round(float(pr @ P @ pc), 4) for c, pc in zip(names, pols)} for r, pr in zip(names, pols)
     }
     report["seconds"] = round(time.time() - t0, 1)
-    with open(os.path.join(out, "demo.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(os.path.join(out, "demo.json"), report, indent=1)
     _plot(report, os.path.join(out, "gap.png"))
 
     say(f"\nGame {a.game}: Nash {np.round(nash, 4).tolist()} over {labels}")

@@ -17,7 +17,9 @@ source does. ``--iteration K`` takes the online source's slice for iteration K (
 prompts from position K * N, cycling); without it every prompt. ``--shard i/n`` keeps positions i, i + n, ...
 (as the online source's ranks split a slice), so n machines or vLLM clusters each take a share and the judge command
 reads all their files. Backends: ``--rollout.backend hf`` (``sampling.generate``) or ``vllm``
-(``rollout_vllm.VLLMSampler``). A rerun appends only the samples missing from ``--output``.
+(``rollout_vllm.VLLMSampler``). A rerun appends only the samples missing from ``--output``; every row records its
+producer (``producer_key``: the checkpoint's fingerprint, the sampling settings, the seed), and a rerun with another
+producer is refused.
 """
 
 import argparse
@@ -26,6 +28,7 @@ import os
 import sys
 
 from comal_openrlhf.errors import BadInputError
+from comal_openrlhf.storage import append_lines
 
 # ------------------------------------------------------------------------------ pieces shared by the phase commands
 
@@ -85,6 +88,19 @@ def load_prompts(a):
     if not prompts:
         raise BadInputError(f"--data.dataset {a.data.dataset}: no usable prompts")
     return [raw for _, raw in prompts], skips
+
+
+def producer_key(a):
+    """What produced a samples file, as 16 hex digits: the checkpoint's fingerprint (its files' sizes and times), the
+    sampling settings, the seed, the dtype and the prompt format. Written in every row; a rerun into the same
+    ``--output`` with another key is refused (samples of another checkpoint are never reused), and the judge command
+    refuses a policy whose rows carry more than one key."""
+    from comal_openrlhf.evaluate import _fingerprint, _key
+
+    ro, d = a.rollout, a.data
+    prompt_format = [d.input_template, d.apply_chat_template, d.tokenizer_chat_template, d.max_len]
+    sampling = [ro.temperature, ro.top_p, ro.max_new_tokens, ro.backend, ro.prompts_per_iteration]
+    return _key(_fingerprint(a.model.model_name_or_path), sampling, a.train.seed, a.dtype, prompt_format)[:16]
 
 
 def iteration_slice(n_prompts, k, per_iteration):
@@ -157,11 +173,18 @@ def run(a):
     )
     mine = list(enumerate(order))[shard::shards]  # (position, index into kept)
 
+    producer = producer_key(a)
     done = {}
     if os.path.exists(a.output):
         _repair_tail(a.output)
         for line, row in read_jsonl(a.output):
             if row.get("policy") == policy and row.get("iteration") == a.iteration:
+                if row.get("producer") != producer:
+                    raise BadInputError(
+                        f"{a.output}:{line}: the samples of policy {policy!r} there were made by another checkpoint "
+                        f"or other sampling settings (producer {row.get('producer') or 'not recorded'}, this run "
+                        f"{producer}): write to another --output, or delete the file to sample again"
+                    )
                 done[row["position"]] = done.get(row["position"], 0) + 1
     todo = [(pos, j) for pos, j in mine if done.get(pos, 0) < ro.n_samples_per_prompt]
     torch.manual_seed((a.train.seed * 1_000_003 + (a.iteration or 0) * 1009 + shard) % 2**31)
@@ -199,11 +222,11 @@ def run(a):
                                 "sample": done.get(pos, 0) + t,
                                 "position": pos,
                                 "prompt_index": kept[j],
+                                "producer": producer,
                                 **({} if a.iteration is None else {"iteration": a.iteration}),
                             }
                         )
-            with open(a.output, "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            append_lines(a.output, [json.dumps(r, ensure_ascii=False) for r in rows])
             written += len(rows)
             bar.update(len(chunk))
     if sampler is not None and hasattr(sampler, "close"):

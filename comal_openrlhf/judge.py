@@ -35,6 +35,7 @@ import sys
 import numpy as np
 
 from comal_openrlhf.errors import BadInputError, PlanError
+from comal_openrlhf.storage import write_atomic
 
 
 def build_parser():
@@ -84,6 +85,16 @@ def read_groups(paths, policy=None):
     policies = sorted({str(r.get("policy")) for r, _ in rows})
     if policy is None and len(policies) > 1:
         raise PlanError(f"the samples hold policies {policies}: pick one with --policy")
+    producers = {}
+    for row, origin in rows:
+        if policy is None or str(row.get("policy")) == policy:
+            producers.setdefault(row.get("producer"), origin)
+    if len(producers) > 1:
+        seen_at = ", ".join(f"{k or 'not recorded'} at {v}" for k, v in producers.items())
+        raise PlanError(
+            f"the samples{'' if policy is None else f' of policy {policy!r}'} come from more than one checkpoint or "
+            f"sampling setting (producers: {seen_at}): judge one producer's samples at a time"
+        )
     groups = {}
     for row, origin in rows:
         if policy is not None and str(row.get("policy")) != policy:
@@ -108,10 +119,7 @@ def shard_path(out_dir, k, shard=None, kind=""):
 
 
 def _write(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def judge_iteration(a):

@@ -4,6 +4,7 @@ generate -> judge -> train_comal --comal.pairs_dir for two iterations."""
 
 import json
 import math
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -178,6 +179,13 @@ def test_judge_refuses_mixed_policies_and_bad_rows(tmp_path):
     with pytest.raises(PlanError, match="pick one with --policy"):
         _judge(_judge_argv(samples, tmp_path / "p", 0, "top2"))
     assert _judge(_judge_argv(samples, tmp_path / "p", 0, "top2", "--policy", "other"))["pairs"] == 2
+    # issue 18: samples of two checkpoints (or sampling settings) of one policy id are never judged together
+    mixed = [{**r, "producer": "aaaa"} for r in _samples_rows(0)] + [
+        {**r, "producer": "bbbb"} for r in _samples_rows(1)
+    ]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", mixed)
+    with pytest.raises(PlanError, match=r"more than one checkpoint or sampling setting \(producers: aaaa at .*mixed"):
+        _judge(_judge_argv(mixed, tmp_path / "p", 0, "top2"))
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "sample": 0}])
     with pytest.raises(BadInputError, match=r"bad.jsonl:1: a samples row needs"):
         _judge(_judge_argv(bad, tmp_path / "p", 0, "top2"))
@@ -201,6 +209,12 @@ def test_generate_judge_train_two_iterations(tmp_path):
             assert out["samples_written"] == 4 and out["prompts"] == 1
         again = json.loads(run_cmd(cmd, cwd=REPO).stdout)  # a rerun finds its samples and adds none
         assert again["samples_written"] == 0 and again["samples_kept"] == 4
+        if k == 0:  # the same --output with other sampling settings: refused, the old samples untouched
+            before = (tmp_path / "s0.1.jsonl").read_text()
+            p = subprocess.run(cmd + ["--rollout.temperature", "0.7"], cwd=REPO, capture_output=True, text=True)
+            assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+            assert "made by another checkpoint or other sampling settings" in p.stderr
+            assert (tmp_path / "s0.1.jsonl").read_text() == before
         rows = _rows(tmp_path / f"s{k}.0.jsonl") + _rows(tmp_path / f"s{k}.1.jsonl")
         assert sorted(r["position"] for r in rows) == [0] * 4 + [1] * 4
         assert {r["prompt_index"] for r in rows} == set(iteration_slice(3, k, 2))
