@@ -81,7 +81,7 @@ def run_command(work, as_json=False, to_json=None):
         try:
             result = work()
         except COMALError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"[comal] error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         if as_json:
             emit(to_json(result) if to_json else result)
