@@ -36,8 +36,22 @@ ROLLOUT_BACKENDS = ("hf", "vllm")
 def add_online_args(parser):
     g = parser.add_argument_group("rollout", "Online COMAL: sampling from the current policy (--comal.source online)")
     g.add_argument("--rollout.n_samples_per_prompt", type=int, default=5, help="Samples per prompt (official: 5)")
-    g.add_argument("--rollout.temperature", type=float, default=0.8, help="Sampling temperature (official: 0.8)")
-    g.add_argument("--rollout.top_p", type=float, default=0.95, help="Nucleus sampling top-p (official: 0.95)")
+    g.add_argument(
+        "--rollout.temperature",
+        type=float,
+        default=1.0,
+        help="Sampling temperature. Default 1.0: the samples then come from mu_k itself, the policy whose log-probs "
+        "the prox loss and its centre use (the unbiasedness the convergence guarantee needs). The official code "
+        "samples at 0.8: the fixed point is then the Nash of the tempered policy, not of the trained one (a run "
+        "with T != 1 says so at start)",
+    )
+    g.add_argument(
+        "--rollout.top_p",
+        type=float,
+        default=1.0,
+        help="Nucleus sampling top-p. Default 1.0 (the whole support of mu_k); below 1 the samples are truncated, "
+        "which no log-prob correction can match (the official code uses 0.95; a run with top-p < 1 says so)",
+    )
     g.add_argument("--rollout.max_new_tokens", type=int, default=1024, help="Longest sampled response")
     g.add_argument(
         "--rollout.prompts_per_iteration", type=int, default=64, help="Prompts sampled per iteration (cycling)"
@@ -50,8 +64,8 @@ def add_online_args(parser):
         choices=list(RULES),
         help="all_soft (every pair with its soft label, weighted by the sample counts: the prox loss's expectation "
         "over y, y' ~ mu_k; default of comal, inpo, iter-ipo, sppo), sampled (pairs drawn from mu_k, labels drawn "
-        "from the judge: unbiased), top2 = best vs second best (the official code; gives up the convergence "
-        "guarantee: the Nash policy is not its fixed point), best_worst (default of iter-dpo)",
+        "from the judge: unbiased), top2 = best vs second best (the official code and its baselines; default of "
+        "iter-dpo; gives up the convergence guarantee: the Nash policy is not its fixed point), best_worst",
     )
     g.add_argument(
         "--rollout.pair_weighting",

@@ -30,7 +30,7 @@ from comal_openrlhf.losses import PROX_LOSSES
 # beta 0.002, r = 1/3, 24 iterations with the anchor advanced every 12: the official COMAL defaults (Qwen2-1.5B);
 # the pair rules are those whose expected loss is the prox step's objective (all_soft with sample-count weights).
 PRESETS = {
-    "iter-dpo": dict(prox="dpo", ref_weight=0.0, ref_update_interval=0, pair_rule="best_worst"),
+    "iter-dpo": dict(prox="dpo", ref_weight=0.0, ref_update_interval=0, pair_rule="top2"),
     "iter-ipo": dict(prox="ipo", ref_weight=0.0, ref_update_interval=0, beta=0.002, pair_rule="all_soft"),
     "sppo": dict(prox="sppo", ref_weight=0.0, ref_update_interval=0, pair_rule="all_soft"),
     "inpo": dict(prox="ipo", ref_weight=1.0 / 3.0, ref_update_interval=0, beta=0.002, pair_rule="all_soft"),
@@ -40,7 +40,8 @@ DEFAULT_ITERATIONS = 24
 PROXES = PROX_LOSSES
 
 ALGO_HELP = (
-    "Preset filling every setting not passed explicitly: iter-dpo = (dpo loss, r 0, pairs best_worst; the reference "
+    "Preset filling every setting not passed explicitly: iter-dpo = (dpo loss, r 0, pairs top2 as the official "
+    "baselines; the reference "
     "of iteration k is the previous iterate, as the paper's Iter-DPO, not the start policy as in common online "
     "iterative DPO), iter-ipo = (ipo, r 0, beta 0.002, all_soft), sppo = (sppo, r 0, "
     "all_soft), inpo = (ipo, r 1/3, anchor never advanced, beta 0.002, all_soft), comal = (ipo, r 1/3, anchor "

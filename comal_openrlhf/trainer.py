@@ -63,6 +63,7 @@ class TrainerSettings:
     mass_coef: float = 0.0
     keep_optimizer_state: bool = False
     keep_best: bool = False
+    batch_unit: str = "pairs"  # what --train.batch_size counts: "pairs" (OpenRLHF) or "prompts" (see accumulation)
 
 
 def _read_latest(ckpt_path):
@@ -173,7 +174,8 @@ class COMALTrainer(DPOTrainer):
         self.state_dir = args.ckpt.path.rstrip("/") + "_comal"
         self.history_path = os.path.join(args.ckpt.output_dir, "comal_iterations.jsonl")
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.grad_accum = self.strategy.accumulated_gradient
+        self.base_accum = self.strategy.accumulated_gradient
+        self.grad_accum = self.base_accum  # this iteration's micro-batches per optimizer step (accumulation())
         # the state a checkpoint restores and the stages read
         self.iteration = 0
         self.micro_step = 0  # micro-batches done inside the current iteration
@@ -360,6 +362,7 @@ class COMALTrainer(DPOTrainer):
         dataset = self._dataset(record.pairs)
         mb = self.args.train.micro_batch_size
         per_pass = len(self._loader(dataset, shuffle=True))
+        self._set_accumulation(self.accumulation(record, per_pass))
         micro_total = math.ceil(per_pass * self.epochs / self.grad_accum) * self.grad_accum
         if self.micro_step == 0 and not self.settings.keep_optimizer_state:
             reset_optimizer_state(self.optimizer)
@@ -393,6 +396,30 @@ class COMALTrainer(DPOTrainer):
         out["optimizer_steps_in_state"] = optimizer_steps_in_state(self.optimizer)
         return out
 
+    def accumulation(self, record, per_pass):
+        """Micro-batches per optimizer step for this iteration.
+
+        ``batch_unit`` "pairs": OpenRLHF's fixed accumulation, --train.batch_size pairs per step. "prompts": the
+        iteration makes S = ceil(epochs * prompts / batch_size) optimizer steps, each over about the pairs of
+        batch_size prompts, i.e. accumulation ceil(per_pass * epochs / S). With one pair per prompt (top2) both
+        agree; with all_soft's N(N-1)/2 pairs per prompt the step count and each step's size (the loss is the
+        weighted mean over the step's pairs, weights of mean 1) stay those of the official one-pair pipeline.
+        """
+        if self.settings.batch_unit != "prompts":
+            return self.base_accum
+        prompts = len({p.prompt for p in record.pairs})
+        steps = max(1, math.ceil(self.epochs * prompts / self.args.train.batch_size))
+        return max(1, math.ceil(per_pass * self.epochs / steps))
+
+    def _set_accumulation(self, accum):
+        """Give the DeepSpeed engine the iteration's accumulation: its loss scaling (1 / accumulation steps) and,
+        through an explicit boundary flag set before each backward, its step boundaries (its own micro-step counter
+        runs across iterations whose accumulations differ)."""
+        self.grad_accum = accum
+        engine = getattr(self.model, "model", self.model)
+        if accum != engine.gradient_accumulation_steps():
+            engine.set_train_batch_size(accum * self.args.train.micro_batch_size * self.world)
+
     def _after_optimizer_step(self, k, logs, bar, micro_total):
         self.global_step += 1
         logs = {**logs, "lr": self.scheduler.get_last_lr()[0], "beta": self.loss_fn.beta, "iteration": k}
@@ -425,6 +452,8 @@ class COMALTrainer(DPOTrainer):
                 f"(loss {loss.item()}); training stopped, the last good checkpoint in {self.args.ckpt.path} is kept. "
                 "Lower --adam.lr or check the data / win rates."
             )
+        engine = getattr(self.model, "model", self.model)
+        engine.set_gradient_accumulation_boundary((self.micro_step + 1) % self.grad_accum == 0)
         self.strategy.backward(total, self.model, self.optimizer)
         self.strategy.optimizer_step(self.optimizer, self.model, self.scheduler)
         return {

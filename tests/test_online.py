@@ -117,3 +117,21 @@ def test_winrate_against_start_and_anchor_is_logged(tmp_path, game_model):
     from _util import read_scalars
 
     assert len(read_scalars(str(tmp_path / "tb"), "eval/winrate_vs_start")) == 2
+
+
+def test_all_soft_makes_the_optimizer_steps_of_top2_on_the_same_prompts(tmp_path, game_model):
+    # issue 19.4: with a preset --train.batch_size counts prompts, so all_soft's many pairs per prompt make the
+    # official top2 pipeline's number of optimizer steps (counted in pairs all_soft would make several times more)
+    prompts = write_jsonl(tmp_path / "two.jsonl", [{"prompt": "question pick one ?"}, {"prompt": "question two ?"}])
+    steps, pairs = {}, {}
+    for rule in ("top2", "all_soft"):
+        out = tmp_path / rule
+        out.mkdir()
+        cmd = _online_cmd([sys.executable], game_model, out, "--rollout.pair_rule", rule, "--data.dataset", prompts)
+        cmd += ["--rollout.prompts_per_iteration", "2", "--comal.iterations", "1", "--train.max_epochs", "2"]
+        cmd += ["--train.micro_batch_size", "1", "--ds.zero_stage", "0", "--train.seed", "3"]
+        run_cmd(cmd, cwd=str(tmp_path))
+        (row,) = _history(out)
+        steps[rule], pairs[rule] = row["steps"], row["pairs"]
+    assert pairs["all_soft"] > pairs["top2"] == 2
+    assert steps["all_soft"] == steps["top2"] == 2  # ceil(2 epochs x 2 prompts / batch 2)

@@ -1,4 +1,4 @@
-"""python -m comal_openrlhf.tiny: a local model, prompts and pair files for a first launch (issue 18: it did nothing)."""
+"""python -m comal_openrlhf.tiny: a local model, prompts and pair files for a first launch (issue 18)."""
 
 import json
 import os

@@ -62,6 +62,7 @@ def trainer(tmp_path_factory, tiny_model):
     argv += ["--adam.lr", "1e-2", "--lr_scheduler", "constant", "--lr_warmup_ratio", "0", "--data.prompt_key"]
     argv += ["prompt", "--data.max_len", "32", "--train.max_epochs", "4", "--comal.logps_kernel", "torch"]
     argv += ["--ckpt.output_dir", str(tmp / "final"), "--ckpt.path", str(tmp / "ckpt"), "--comal.no_iteration_ckpt"]
+    argv += ["--comal.batch_unit", "pairs", "--adam.weight_decay", "0"]
     args = parse_args(argv)
     strategy = get_strategy(args)
     strategy.setup_distributed()
@@ -123,3 +124,28 @@ def test_advance_under_zero3_copies_every_parameter(trainer, record):
     policy, anchor = state_dict_on_rank0(trainer.model), state_dict_on_rank0(trainer.ref_model)
     assert policy.keys() == anchor.keys() and len(policy) > 10
     assert all(torch.equal(policy[k], anchor[k]) for k in policy)
+
+
+def test_batch_unit_prompts_makes_the_steps_of_one_pair_per_prompt(trainer, record):
+    # 4 pairs of 2 prompts, --train.batch_size 2, 4 epochs: counted in prompts an iteration makes
+    # ceil(4 * 2 / 2) = 4 optimizer steps of 2 micro-batches (the 2 pairs of each prompt) where one pair per prompt
+    # (top2) would make the same 4; counted in pairs it makes 8 (the test above)
+    from dataclasses import replace
+
+    saved = trainer.settings
+    trainer.settings = replace(saved, batch_unit="prompts")
+    try:
+        trainer.micro_step = 0
+        logs = trainer.train(1, record)
+        assert logs["steps"] == 4 and logs["optimizer_steps_in_state"] == 4
+        assert trainer.grad_accum == 2 and trainer.model.model.gradient_accumulation_steps() == 2
+        one_pair = IterationRecord.from_pairs(record.pairs[:2]).with_logps(
+            record.logp_mu_chosen[:2],
+            record.logp_mu_rejected[:2],
+            record.logp_ref_chosen[:2],
+            record.logp_ref_rejected[:2],
+        )
+        assert len({p.prompt for p in one_pair.pairs}) == 2 and trainer.accumulation(one_pair, 1) == 1
+    finally:
+        trainer.settings = saved
+        trainer.micro_step = 0

@@ -139,6 +139,16 @@ def add_comal_args(parser):
         "anchor advances; else all iterations form one round)",
     )
     g.add_argument(
+        "--comal.batch_unit",
+        type=str,
+        default=None,
+        choices=["prompts", "pairs"],
+        help="What --train.batch_size counts. prompts (default with --comal.algo): an optimizer step takes the pairs "
+        "of batch_size prompts (gradient accumulation grows with the pairs per prompt), so all_soft's ~N(N-1)/2 "
+        "pairs per prompt make as many optimizer steps of the same size as the official top2 pipeline's one pair "
+        "per prompt; pairs (default without --comal.algo, OpenRLHF's meaning): batch_size pairs per step",
+    )
+    g.add_argument(
         "--comal.keep_optimizer_state",
         action="store_true",
         default=False,
@@ -227,12 +237,33 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     given = explicit_dests(parser, argv)
+    filled = fill_official_training(args, given)
     _build, post, origin = _train_dpo_main()
     namespace = {"args": args, "__name__": "train_comal"}
     _run(post, namespace, origin)  # train_dpo's own post-processing (hierarchize, ref path default, checks)
     args = namespace["args"]
     args.given = given
+    args.preset_filled = filled
     return args
+
+
+def fill_official_training(args, given):
+    """With an explicit ``--comal.algo`` every training flag the user did not pass takes the official COMAL
+    pipeline's value (OFFICIAL_TRAINING) and ``--comal.batch_unit`` defaults to prompts; without it an unchanged
+    train_dpo launch keeps OpenRLHF's defaults. Returns the dests filled (shown as "preset" in the start table)."""
+    filled = set()
+    explicit_algo = "comal.algo" in given
+    if getattr(args, "comal.batch_unit") is None:
+        setattr(args, "comal.batch_unit", "prompts" if explicit_algo else "pairs")
+        if explicit_algo:
+            filled.add("comal.batch_unit")
+    if not explicit_algo:
+        return filled
+    for flag, value in OFFICIAL_TRAINING.items():
+        if flag not in given:
+            setattr(args, flag, list(value) if isinstance(value, tuple) else value)
+            filled.add(flag)
+    return filled
 
 
 def resolve(args, source_iterations):
@@ -306,6 +337,8 @@ OFFICIAL_TRAINING = {
     "lr_scheduler": "linear",
     "adam.betas": (0.9, 0.999),
     "max_norm": 0.0,
+    "adam.weight_decay": 0.01,  # the official trainer's AdamW default (OpenRLHF's is 0)
+    "eval.steps": 500,  # --comal.keep_best checks the held-out prox loss every 500 steps and at each epoch end
 }
 
 
@@ -324,6 +357,22 @@ def settings_table(args, plan, provenance, source):
     ]
     if isinstance(source, OnlineSource):
         rows.append(("pair rule", plan.pair_rule, provenance["pair_rule"]))
+    unit = args.comal.batch_unit
+    rows.append(
+        (
+            "--train.batch_size counts",
+            unit,
+            (
+                "flag"
+                if "comal.batch_unit" in args.given
+                else (
+                    "preset"
+                    if "comal.batch_unit" in args.preset_filled
+                    else "default (no --comal.algo: OpenRLHF's meaning)"
+                )
+            ),
+        )
+    )
     lines = ["| setting | value | from |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines += ["", "| training flag | value | from | official COMAL |", "|---|---|---|---|"]
     for flag, official in OFFICIAL_TRAINING.items():
@@ -332,7 +381,7 @@ def settings_table(args, plan, provenance, source):
             node = getattr(node, part)
         value = tuple(node) if isinstance(node, list) else node
         mark = "" if value == official else " *"
-        where = "flag" if flag in args.given else "OpenRLHF default"
+        where = "flag" if flag in args.given else "preset" if flag in args.preset_filled else "OpenRLHF default"
         lines.append(f"| --{flag} | {value}{mark} | {where} | {official} |")
     return "\n".join(lines)
 
@@ -358,6 +407,23 @@ def check_settings(args, plan, strategy):
         )
     if source_kind(args) != "online" and "rollout.pair_rule" in args.given:
         strategy.print("[comal] warning: --rollout.pair_rule applies to the online source only; ignored")
+    note = sampling_note(args) if source_kind(args) == "online" else None
+    if note:
+        strategy.print(note)
+
+
+def sampling_note(args):
+    """One line when the online samples do not come from mu_k, the policy whose log-probs the loss uses (T = 1 and
+    top-p = 1 sample mu_k itself); None when they do."""
+    ro = args.rollout
+    if ro.temperature == 1.0 and ro.top_p == 1.0:
+        return None
+    return (
+        f"[comal] note: sampling at --rollout.temperature {ro.temperature:g} / --rollout.top_p {ro.top_p:g} draws "
+        "from a tempered or truncated policy while the loss uses mu_k's own log-probs: the run trains, but the "
+        "convergence guarantee does not hold for it (its fixed point is the Nash of the sampled policy); 1.0 / 1.0 "
+        "samples mu_k"
+    )
 
 
 def train(args):
@@ -488,6 +554,7 @@ def build_trainer(args, strategy, run_dir):
         mass_coef=args.comal.mass_coef,
         keep_optimizer_state=args.comal.keep_optimizer_state,
         keep_best=args.comal.keep_best,
+        batch_unit=args.comal.batch_unit,
     )
     trainer = COMALTrainer(
         model=model,

@@ -21,8 +21,7 @@ run deepspeed --num_gpus 4 --module openrlhf.cli.train_comal \
     --rollout.backend vllm --vllm.num_engines 1 --vllm.gpu_memory_utilization 0.3 \
     --judge.kind pairwise_lm --judge.path "$JUDGE" --judge.labels A,B --judge.device cuda:0 \
     "${ROLLOUT[@]}" "${DATA[@]}" \
-    --adam.lr 5e-7 --lr_warmup_ratio 0.1 --lr_scheduler linear --train.max_epochs 3 --train.batch_size 32 \
-    --train.micro_batch_size 2 --data.max_len 2048 --adam.betas 0.9 0.999 --max_norm 0 --ds.zero_stage 2 \
+    --train.micro_batch_size 2 --data.max_len 2048 --ds.zero_stage 2 \
     --ds.param_dtype bf16 --model.gradient_checkpointing_enable \
     --eval.dataset "$PROMPTS" --eval.split "$EVAL_PROMPTS_SPLIT" --comal.keep_best \
     --ckpt.output_dir "$RUN/final" --ckpt.path "$RUN/ckpt" --ckpt.save_hf \

@@ -22,13 +22,15 @@ ARMORM=${ARMORM:-RLHFlow/ArmoRM-Llama3-8B-v0.1}
 ORACLE="reward_model:${SKYWORK}:0.5,reward_model:${ARMORM}:0.5"
 OUT=${OUT:-runs}
 
-# Sampling as the official pipeline: 5 samples per prompt, temperature 0.8, top-p 0.95.
+# Sampling as the official pipeline (the published numbers): 5 samples per prompt, temperature 0.8, top-p 0.95. The
+# run says at start that the convergence guarantee does not hold for tempered samples; drop the temperature and top-p
+# flags (defaults 1.0 / 1.0) to sample mu_k itself.
 ROLLOUT=(--rollout.n_samples_per_prompt 5 --rollout.temperature 0.8 --rollout.top_p 0.95
     --rollout.max_new_tokens 1024)
-# Training as the official pipeline: AdamW lr 5e-7, 10% warm-up then linear decay, 3 epochs per iteration, 32 pairs
-# per step, max length 2048, Adam beta2 0.999, no gradient clipping, a fresh optimizer every iteration.
-TRAIN=(--adam.lr 5e-7 --lr_warmup_ratio 0.1 --lr_scheduler linear --train.max_epochs 3 --train.batch_size 32
-    --train.micro_batch_size 1 --data.max_len 2048 --adam.betas 0.9 0.999 --max_norm 0
+# Training: the preset (--comal.algo) fills the official recipe (AdamW lr 5e-7, 10% warm-up then linear decay, 3 epochs
+# per iteration, 32 prompts per step, betas (0.9, 0.999), weight decay 0.01, no clipping; train_comal prints the table);
+# what follows is the hardware's part.
+TRAIN=(--train.micro_batch_size 1 --data.max_len 2048
     --model.gradient_checkpointing_enable --ds.zero_stage 3 --ds.param_dtype bf16 --ds.attn_implementation flash_attention_2)
 DATA=(--data.dataset "$PROMPTS" --data.dataset_split "$PROMPTS_SPLIT" --data.prompt_key prompt
     --data.apply_chat_template)
