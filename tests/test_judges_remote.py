@@ -1,12 +1,14 @@
 """Remote judges: our serve endpoint round trip (FastAPI/uvicorn and the stdlib fallback), bearer tokens, a load
 test, OpenRLHF serve_rm's /get_reward, and retries against local servers that inject faults (slow, 500, malformed
-JSON, always failing, trickling one byte at a time)."""
+JSON, always failing, trickling one byte at a time in each framing of an answer)."""
 
 import http.client
 import json
 import logging
 import os
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -18,10 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+from comal_openrlhf.cli.serve_judge import fastapi_available, make_server, make_uvicorn_server
+from comal_openrlhf.core.judging import TableJudge
 from comal_openrlhf.judges import JudgeError, build_judge
 from comal_openrlhf.judges.remote import RemoteJudge
-from comal_openrlhf.judges.serve import fastapi_available, make_server, make_uvicorn_server
-from comal_openrlhf.judges.table import TableJudge
 
 BACKENDS = [
     "stdlib",
@@ -162,7 +164,7 @@ def test_serve_holds_200_concurrent_requests(backend):
 @pytest.mark.integration
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_serve_command_line(backend):
-    cmd = [sys.executable, "-m", "comal_openrlhf.judges.serve", "--judge.kind", "table", "--judge.table", "paper"]
+    cmd = [sys.executable, "-m", "comal_openrlhf.cli.serve_judge", "--judge.kind", "table", "--judge.table", "paper"]
     cmd += ["--port", "0", "--backend", backend]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -269,17 +271,58 @@ def test_remote_serve_rm_get_reward():
         srv.close()
 
 
-class TrickleServer:
-    """Answers every request one byte per ``interval`` seconds, in the status line and headers (``where`` =
-    "headers") or in a long body ("body"): each read returns within the socket timeout, the whole never does."""
+FRAMINGS = ["length", "chunked", "close", "http10"]
 
-    def __init__(self, where, interval=0.05, seconds=30.0):
-        self.stop = threading.Event()
+
+def read_request(conn):
+    """Read one whole request (headers and Content-Length body), so that closing never resets the connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = conn.recv(65536)
+        if not more:
+            return data
+        data += more
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    while length and len(body) < length[0]:
+        more = conn.recv(65536)
+        if not more:
+            break
+        body += more
+    return head + b"\r\n\r\n" + body
+
+
+def framed(framing, body):
+    """(status line and headers, body as sent) of a 200 answer framed as: ``length`` (HTTP/1.1, Content-Length,
+    connection kept open), ``chunked`` (HTTP/1.1, Transfer-Encoding: chunked, kept open), ``close`` (HTTP/1.1,
+    Connection: close, the body ends when the server closes) or ``http10`` (HTTP/1.0, no length, ends at close)."""
+    status = b"HTTP/1.0 200 OK\r\n" if framing == "http10" else b"HTTP/1.1 200 OK\r\n"
+    head = status + b"Content-Type: application/json\r\nX-Padding: " + b"p" * 40 + b"\r\n"
+    if framing == "length":
+        head += b"Content-Length: %d\r\n" % len(body)
+    elif framing == "chunked":
+        head += b"Transfer-Encoding: chunked\r\n"
+        chunks = [body[i : i + 7] for i in range(0, len(body), 7)]
+        body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    elif framing == "close":
+        head += b"Connection: close\r\n"
+    return head + b"\r\n", body
+
+
+class TrickleServer:
+    """Answers every POST with {"probs": [0.25]} (padded with ``pad`` spaces) in one ``framing`` (see framed), and
+    sends the status line and headers (``where`` = "headers") or the body ("body") one byte at a time, spread evenly
+    over ``seconds`` (the last byte at ``seconds``), the rest at once: each read returns within any per-read timeout,
+    the whole answer only after ``seconds``. Then it closes (close, http10) or waits for the client to close (length,
+    chunked). ``accepted`` holds the time.monotonic() of each connection."""
+
+    def __init__(self, where, framing="length", seconds=30.0, pad=1000):
+        self.stop, self.accepted = threading.Event(), []
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = "http://127.0.0.1:%d/prob" % self.sock.getsockname()[1]
-        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
-        self.slow, self.fast = (head, b"") if where == "headers" else (b'{"probs": [' + b" " * 99988, head)
-        self.interval, self.seconds = interval, seconds
+        head, body = framed(framing, b'{"probs": [0.25]' + b" " * pad + b"}")
+        self.slow, self.fast = (head, body) if where == "headers" else (body, head)
+        self.where, self.framing, self.seconds = where, framing, seconds
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self):
@@ -288,19 +331,25 @@ class TrickleServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            self.accepted.append(time.monotonic())
             threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
 
     def _trickle(self, conn):
         with conn:
-            conn.recv(65536)  # the request (small)
-            t0 = time.monotonic()
             try:
-                conn.sendall(self.fast)
+                read_request(conn)
+                t0, step = time.monotonic(), self.seconds / len(self.slow)
+                if self.where == "body":
+                    conn.sendall(self.fast)
                 for i in range(len(self.slow)):
-                    if self.stop.is_set() or time.monotonic() - t0 > self.seconds:
+                    if self.stop.wait(max(0.0, t0 + (i + 1) * step - time.monotonic())):  # the last at seconds
                         return
                     conn.sendall(self.slow[i : i + 1])
-                    time.sleep(self.interval)
+                if self.where == "headers":
+                    conn.sendall(self.fast)
+                if self.framing in ("length", "chunked"):  # keep-alive: the client must not wait for the close
+                    conn.settimeout(10)
+                    conn.recv(1)
             except OSError:  # the client gave up and closed
                 return
 
@@ -309,21 +358,177 @@ class TrickleServer:
         self.sock.close()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("framing", FRAMINGS)
 @pytest.mark.parametrize("where", ["headers", "body"])
-def test_remote_timeout_is_a_total_deadline(where):
-    srv = TrickleServer(where)
+def test_remote_timeout_is_a_total_deadline(where, framing):
+    """A server that trickles its answer is cut off at the deadline whatever the framing (an HTTP/1.0 or Connection:
+    close answer escaped the deadline: --judge.timeout 2 took 15 s), three attempts and two waits in all."""
+    srv = TrickleServer(where, framing)
     try:
-        judge = RemoteJudge(srv.url, timeout=0.5, retries=1, backoff=0.01)
+        judge = RemoteJudge(srv.url, timeout=0.5, retries=2, backoff=0.05)
         t0 = time.monotonic()
-        with pytest.raises(JudgeError, match="timed out: no complete answer within the 0.5 s deadline"):
+        with pytest.raises(JudgeError, match="timed out: no complete answer within the 0.5 s deadline") as e:
             judge.prob(["q"], ["a"], ["b"])
         elapsed = time.monotonic() - t0
-        # two attempts of at most 0.5 s each and a 0.01 s wait; a per-read timeout would wait for all the bytes
-        assert elapsed < 2 * 0.5 + 0.01 + 1.0, elapsed
-        assert judge.stats() == {"requests": 1, "retries": 1, "failed_requests": 1}
+        assert f"remote judge {srv.url} failed after 3 attempts" in str(e.value)
+        # (retries + 1) * timeout + backoffs (0.05 + 0.1 s), with slack; the answer alone would take 30 s per attempt
+        assert elapsed < 3 * 0.5 + 0.15 + 1.0, elapsed
+        starts = srv.accepted + [t0 + elapsed]
+        attempts = [b - a for a, b in zip(starts, starts[1:])]  # each attempt and the wait after it
+        assert len(srv.accepted) == 3 and max(attempts) < 0.5 + 0.1 + 0.5, attempts
+        assert judge.stats() == {"requests": 1, "retries": 2, "failed_requests": 1}
     finally:
         srv.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("framing", FRAMINGS)
+@pytest.mark.parametrize("where", ["headers", "body"])
+def test_remote_keeps_an_answer_completed_inside_the_deadline(where, framing):
+    """The same trickle, ending 0.9 s into a 1.5 s deadline: the answer is taken at the first attempt."""
+    srv = TrickleServer(where, framing, seconds=0.9, pad=40)
+    try:
+        judge = RemoteJudge(srv.url, timeout=1.5, retries=2, backoff=5.0)  # a retry would wait 5 s
+        t0 = time.monotonic()
+        np.testing.assert_allclose(judge.prob(["q"], ["a"], ["b"]), [0.25])
+        elapsed = time.monotonic() - t0
+        assert 0.9 <= elapsed < 1.5, elapsed
+        assert len(srv.accepted) == 1 and judge.stats() == {"requests": 1, "retries": 0, "failed_requests": 0}
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_remote_keeps_an_answer_that_arrived_before_the_deadline_but_was_read_after(framing, monkeypatch):
+    """The whole answer is in the socket's buffer before the deadline, but the client only comes to read it after
+    (a busy process): it is kept, not thrown away as timed out."""
+    from comal_openrlhf.judges import remote
+
+    srv = TrickleServer("body", framing, seconds=0.0, pad=40)  # answers at once
+    readinto = remote._DeadlineReader.readinto
+
+    def late_readinto(self, buffer):
+        time.sleep(max(0.0, self.deadline - time.monotonic() + 0.05))
+        return readinto(self, buffer)
+
+    monkeypatch.setattr(remote._DeadlineReader, "readinto", late_readinto)
+    try:
+        judge = RemoteJudge(srv.url, timeout=0.3, retries=0)
+        np.testing.assert_allclose(judge.prob(["q"], ["a"], ["b"]), [0.25])
+        assert len(srv.accepted) == 1
+    finally:
+        srv.close()
+
+
+@pytest.mark.timeout(60)
+def test_remote_reads_past_the_deadline_only_what_had_arrived():
+    """After the deadline the reader never waits and takes at most a receive buffer's worth of bytes, so a server
+    that streams without end cannot keep it reading."""
+    from comal_openrlhf.judges import remote
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname()[:2], timeout=5)
+    server, _ = listener.accept()
+    stop = threading.Event()
+
+    def flood():
+        chunk = b" " * 65536
+        try:
+            while not stop.is_set():
+                server.sendall(chunk)
+        except OSError:
+            pass
+
+    threading.Thread(target=flood, daemon=True).start()
+    try:
+        time.sleep(0.2)  # the buffers fill up
+        reader = remote._DeadlineReader(client, deadline=time.monotonic() - 1.0)
+        buffer, got, t0 = bytearray(65536), 0, time.monotonic()
+        with pytest.raises(TimeoutError):
+            while True:
+                got += reader.readinto(buffer)
+        rcvbuf = client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        assert 0 < got <= rcvbuf and time.monotonic() - t0 < 1.0, (got, rcvbuf)
+    finally:
+        stop.set()
+        for s in (client, server, listener):
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory):
+    """A self-signed certificate for localhost and 127.0.0.1 (cert, key), made by the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = str(d / "cert.pem"), str(d / "key.pem")
+    cmd = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1"]
+    cmd += ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if done.returncode:
+        pytest.skip(f"openssl could not make a certificate: {done.stderr[-300:]}")
+    return cert, key
+
+
+class TLSTrickleServer(TrickleServer):
+    """TrickleServer over TLS (the handshake at once, then the trickle inside TLS records)."""
+
+    def __init__(self, cert, key, *args, **kwargs):
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        super().__init__(*args, **kwargs)
+        self.url = self.url.replace("http://127.0.0.1", "https://localhost")
+
+    def _trickle(self, conn):
+        try:
+            conn.settimeout(10)
+            conn = self.context.wrap_socket(conn, server_side=True)
+            conn.settimeout(None)
+        except OSError:
+            conn.close()
+            return
+        super()._trickle(conn)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("framing", ["length", "http10"])
+def test_remote_https_deadline_holds_and_keeps_a_timely_answer(framing, tls_cert, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", tls_cert[0])  # the judge's default context trusts our certificate
+    srv = TLSTrickleServer(*tls_cert, "body", framing, seconds=0.9, pad=40)
+    try:
+        judge = RemoteJudge(srv.url, timeout=1.5, retries=0)
+        t0 = time.monotonic()
+        np.testing.assert_allclose(judge.prob(["q"], ["a"], ["b"]), [0.25])
+        assert 0.9 <= time.monotonic() - t0 < 1.5
+    finally:
+        srv.close()
+    srv = TLSTrickleServer(*tls_cert, "body", framing)
+    try:
+        judge = RemoteJudge(srv.url, timeout=0.5, retries=1, backoff=0.05)
+        t0 = time.monotonic()
+        with pytest.raises(JudgeError, match=f"{srv.url} failed after 2 attempts; last cause: timed out"):
+            judge.prob(["q"], ["a"], ["b"])
+        assert time.monotonic() - t0 < 2 * 0.5 + 0.05 + 1.0
+    finally:
+        srv.close()
+
+
+def test_remote_deadline_covers_a_stuck_name_lookup(monkeypatch):
+    """getaddrinfo takes no timeout; a lookup that hangs is left behind at the deadline."""
+    lookup = socket.getaddrinfo
+
+    def stuck(host, *args, **kwargs):
+        if host == "judge.invalid":
+            time.sleep(3.0)
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", stuck)
+    judge = RemoteJudge("http://judge.invalid:9/prob", timeout=0.3, retries=1, backoff=0.01)
+    t0 = time.monotonic()
+    with pytest.raises(JudgeError, match="failed after 2 attempts; last cause: timed out"):
+        judge.prob(["q"], ["a"], ["b"])
+    assert time.monotonic() - t0 < 2 * 0.3 + 0.01 + 1.0
 
 
 def test_remote_retries_are_bounded_logged_and_counted(caplog):

@@ -1,6 +1,6 @@
 """A judge behind HTTP. Two protocols, chosen by the URL's path:
 
-Pairwise (any general preference; served by ``python -m comal_openrlhf.judges.serve``, path ``/prob``)::
+Pairwise (any general preference; served by ``python -m comal_openrlhf.cli.serve_judge``, path ``/prob``)::
 
     POST {"prompts": ["..."], "responses_a": ["..."], "responses_b": ["..."]}
     ->   {"probs": [0.73, ...]}          # probs[i] = P(responses_a[i] beats responses_b[i] | prompts[i])
@@ -15,8 +15,10 @@ prompt + response concatenated; format prompts beforehand if the reward model ex
 is scored once per call and P(a beats b) = sigmoid((r_a - r_b) / temperature).
 
 Requests carry at most ``batch_size`` comparisons (or texts). ``timeout`` is a total deadline for one request:
-connecting, sending, waiting and reading together (a server that trickles its answer a byte at a time is cut off
-when the deadline passes, not when one read stalls). Connection errors, deadlines, HTTP 5xx and malformed JSON are
+looking up the host, connecting, sending, waiting and reading together, whatever the answer's framing (Content-Length,
+chunked, or read until the server closes, as HTTP/1.0 and ``Connection: close`` servers answer). A server that
+trickles its headers or its answer a byte at a time is cut off when the deadline passes, not when one read stalls;
+an answer that arrived whole before the deadline is kept. Connection errors, deadlines, HTTP 5xx and malformed JSON are
 retried ``retries`` times with exponential backoff (``backoff``, 2*backoff, ... each wait at most ``max_backoff``
 seconds, so a request costs at most (retries + 1) * timeout + retries * max_backoff); each retry is logged (logger
 ``comal_openrlhf.judges.remote``, WARNING) and counted in ``stats()``. Then a JudgeError names the URL, the number
@@ -24,16 +26,19 @@ of attempts and the last cause. Other HTTP errors (401, 400...) fail at once. ``
 """
 
 import http.client
+import io
+import ipaddress
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from urllib.parse import urlparse
 
 import numpy as np
 
-from .base import Judge, JudgeError
+from comal_openrlhf.core.judging import Judge, JudgeError
 
 MAX_BACKOFF = 30.0  # seconds: the longest wait between two attempts
 log = logging.getLogger(__name__)
@@ -75,6 +80,7 @@ class RemoteJudge(Judge):
         self.antisymmetric = self.reward_mode  # sigmoid of reward differences: judge_pairs asks one order
         self.name = f"remote:{url}"
         self.counts = {"requests": 0, "retries": 0, "failed_requests": 0}
+        self._ssl_context = None  # made on the first https request
 
     def stats(self):
         """Requests sent (each answered or given up), retries after failed attempts, requests given up."""
@@ -124,40 +130,13 @@ class RemoteJudge(Judge):
         raise JudgeError(f"remote judge {self.url} failed after {self.retries + 1} attempts; last cause: {cause}")
 
     def _post_once(self, data, headers, key, n):
-        """One attempt under a total deadline of ``timeout`` seconds: a timer shuts the socket down when it
-        passes, which ends any blocked connect, send or read."""
-        u = urlparse(self.url)
-        conn_class = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-        conn = conn_class(u.hostname, u.port, timeout=self.timeout)
-        expired = threading.Event()
-
-        def cut():
-            expired.set()
-            sock = conn.sock
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-        timer = threading.Timer(self.timeout, cut)
-        timer.daemon = True
-        timer.start()
-        late = f"timed out: no complete answer within the {self.timeout:g} s deadline"
+        """One attempt under a total deadline of ``timeout`` seconds (see ``_exchange``)."""
         try:
-            conn.connect()
-            if expired.is_set():
-                raise _Retryable(late)
-            conn.request("POST", (u.path or "/") + (f"?{u.query}" if u.query else ""), body=data, headers=headers)
-            resp = conn.getresponse()
-            status, raw = resp.status, resp.read()
-        except (OSError, http.client.HTTPException) as e:  # ConnectionError and TimeoutError are OSErrors
-            raise _Retryable(late if expired.is_set() else f"{type(e).__name__}: {e}") from None
-        finally:
-            timer.cancel()
-            conn.close()
-        if expired.is_set():
-            raise _Retryable(late)  # the deadline passed as the last bytes arrived: a cut answer may parse
+            status, raw = self._exchange(data, headers, time.monotonic() + self.timeout)
+        except TimeoutError:  # socket.timeout is TimeoutError; so is _DeadlinePassed
+            raise _Retryable(f"timed out: no complete answer within the {self.timeout:g} s deadline") from None
+        except (OSError, http.client.HTTPException) as e:  # ConnectionError, ssl.SSLError... are OSErrors
+            raise _Retryable(f"{type(e).__name__}: {e}") from None
         if status >= 500:
             raise _Retryable(f"HTTP {status}: {raw[:300].decode(errors='replace')}")
         if status >= 400:
@@ -169,3 +148,159 @@ class RemoteJudge(Judge):
             return [float(v) for v in values]
         except (ValueError, KeyError, TypeError) as e:
             raise _Retryable(f"malformed JSON answer ({type(e).__name__}: {e}): {raw[:200]!r}") from None
+
+    def _exchange(self, data, headers, deadline):
+        """POST ``data`` and read the whole answer by ``deadline`` (time.monotonic()), whatever its framing
+        (Content-Length, chunked, or read until the server closes: HTTP/1.0, ``Connection: close``).
+
+        Every call that can block (name lookup, connect, TLS handshake, each send, each receive) is given at most
+        the time left, and the deadline is checked again before each of them, so an attempt ends by the deadline
+        (plus the time to take bytes that had already arrived): no timer, no socket shared between threads. An
+        answer read to its end is kept, however close to the deadline its last byte came. Returns (status, body).
+        """
+        u = urlparse(self.url)
+        https = u.scheme == "https"
+        port = u.port or (443 if https else 80)
+        sock = _connect(u.hostname, port, deadline)
+        try:
+            if https:
+                if self._ssl_context is None:
+                    self._ssl_context = ssl.create_default_context()
+                    self._ssl_context.set_alpn_protocols(["http/1.1"])
+                sock.settimeout(_time_left(deadline))  # CPython bounds the whole handshake by the socket timeout
+                sock = self._ssl_context.wrap_socket(sock, server_hostname=u.hostname)
+            _Request(u.hostname, port, 443 if https else 80, sock, deadline).request(
+                "POST", (u.path or "/") + (f"?{u.query}" if u.query else ""), body=data, headers=headers
+            )
+            resp = http.client.HTTPResponse(_DeadlineSocket(sock, deadline), method="POST")
+            try:
+                resp.begin()  # status line and headers
+                return resp.status, resp.read()  # http.client's framing; every receive goes through _DeadlineReader
+            finally:
+                resp.close()
+        finally:
+            sock.close()
+
+
+class _DeadlinePassed(TimeoutError):
+    pass
+
+
+def _time_left(deadline):
+    """Seconds left before ``deadline``, a timeout for the next blocking call; _DeadlinePassed once none is."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _DeadlinePassed("deadline passed")
+    return left
+
+
+def _resolve(host, port, deadline):
+    """getaddrinfo takes no timeout: a name (not an address) is looked up in a daemon thread, left behind if it has
+    not answered by the deadline."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)  # numeric: no lookup, never blocks
+    result = {}
+
+    def lookup():
+        try:
+            result["addresses"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=lookup, name=f"resolve {host}", daemon=True)
+    thread.start()
+    thread.join(_time_left(deadline))
+    if thread.is_alive():
+        raise _DeadlinePassed(f"looking up {host}")
+    if "error" in result:
+        raise result["error"]
+    return result["addresses"]
+
+
+def _connect(host, port, deadline):
+    """A TCP connection to the first address of ``host`` that accepts one, all addresses within the deadline."""
+    error = OSError(f"no address found for {host}")
+    for family, kind, proto, _, address in _resolve(host, port, deadline):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(_time_left(deadline))
+            sock.connect(address)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        except TimeoutError:
+            sock.close()
+            raise
+        except OSError as e:
+            sock.close()
+            error = e
+    raise error
+
+
+def _sendall(sock, data, deadline):
+    """socket.sendall with each send bounded by the time left (SSLSocket.sendall gives each send the full
+    timeout)."""
+    view, sent = memoryview(data).cast("B"), 0
+    while sent < len(view):
+        sock.settimeout(_time_left(deadline))
+        sent += sock.send(view[sent:])
+
+
+class _Request(http.client.HTTPConnection):
+    """http.client formats the request (Host, Content-Length...) and sends it on a connected socket, each send
+    bounded by the time left."""
+
+    def __init__(self, host, port, default_port, sock, deadline):
+        super().__init__(host, port)
+        self.default_port, self.sock, self.deadline = default_port, sock, deadline  # the Host header omits 80/443
+
+    def connect(self):  # the socket is connected already; http.client reconnects only after a close
+        raise http.client.CannotSendRequest("the connection is closed")
+
+    def send(self, data):
+        _sendall(self.sock, data, self.deadline)
+
+
+class _DeadlineSocket:
+    """What http.client.HTTPResponse needs of a socket (``makefile``), reading through _DeadlineReader."""
+
+    def __init__(self, sock, deadline):
+        self.sock, self.deadline = sock, deadline
+
+    def makefile(self, mode="rb"):
+        return io.BufferedReader(_DeadlineReader(self.sock, self.deadline))
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Reads a socket under a deadline. Before it, each receive waits at most the time left. After it, nothing waits:
+    a receive takes only bytes that had already arrived, at most the receive buffer's size (what the kernel can have
+    been holding at the deadline, so a server streaming without end cannot keep the reader going), and the first
+    one that finds none raises _DeadlinePassed. So an answer that had fully arrived is kept even if this thread
+    came to read it late."""
+
+    def __init__(self, sock, deadline):
+        self.sock, self.deadline, self.late_bytes = sock, deadline, None
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self.deadline - time.monotonic()
+        if left > 0:
+            self.sock.settimeout(left)
+            return self.sock.recv_into(buffer)
+        if self.late_bytes is None:
+            pending = self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0  # decrypted, not read
+            self.late_bytes = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) + pending
+        if self.late_bytes <= 0:
+            raise _DeadlinePassed("deadline passed")
+        self.sock.settimeout(0.0)  # non-blocking
+        try:
+            got = self.sock.recv_into(buffer, min(len(buffer), self.late_bytes))
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise _DeadlinePassed("deadline passed") from None
+        self.late_bytes -= got
+        return got
