@@ -1,6 +1,6 @@
 """Benchmark: one COMAL training step (cached log-probs) against OpenRLHF's DPOTrainer step (reference recomputed).
 
-    python examples/bench_comal_step.py [--repeats 20] [--hidden 256] [--layers 4] [--vocab 8192] [--seq 128]
+    python benchmarks/comal_step.py [--repeats 20] [--hidden 256] [--layers 4] [--vocab 8192] [--seq 128]
 
 Both steps run in one process on the same model, batch and DeepSpeed strategy (OpenRLHF's, through train_comal's
 argument parser): the DPO step is upstream's per-step work (``concatenated_forward`` of the policy with grad, of the
@@ -46,10 +46,10 @@ def main():
     import torch
 
     from comal_openrlhf.cli.train_comal import parse_args
-    from comal_openrlhf.data import IterationSource
-    from comal_openrlhf.pairs import Pair
-    from comal_openrlhf.schedule import resolve_plan
+    from comal_openrlhf.core.pairs import Pair
+    from comal_openrlhf.core.schedule import resolve_plan
     from comal_openrlhf.tiny import build_tiny_llama
+    from comal_openrlhf.training.data import IterationSource
 
     tmp = tempfile.mkdtemp(prefix="comal_bench_")
     words = tuple(f"w{i}" for i in range(a.vocab - 10))
@@ -73,7 +73,7 @@ def main():
     from openrlhf.models import Actor, DPOLoss
     from openrlhf.utils import get_strategy, get_tokenizer
 
-    from comal_openrlhf.trainer import COMALTrainer, TrainerSettings
+    from comal_openrlhf.training.trainer import COMALTrainer, TrainerSettings
 
     strategy = get_strategy(args)
     strategy.setup_distributed()

@@ -1,13 +1,13 @@
 """Benchmark: the cost of judging all pairs of n samples per prompt with gpm, pairwise_lm and reward_model.
 
-    python examples/bench_judges.py [--n 4,8,16] [--prompts 4] [--repeats 3] [--hidden 128] [--layers 4] [--json]
+    python benchmarks/judges.py [--n 4,8,16] [--prompts 4] [--repeats 3] [--hidden 128] [--layers 4] [--json]
 
 The three judges share one tiny Llama configuration (``comal_openrlhf.tiny``; built locally, fp32, CPU): a reward
 model (scalar head, arXiv 2410.23223's Bradley-Terry oracle), a generative pairwise judge reading the A/B label
 logits (the official COMAL code's kind of judge), and a GPM (arXiv 2410.02197: value head of dimension 2k = 8 and a
 prompt head). For each prompt with n distinct sampled responses the win matrix is asked the way the COMAL loop asks
-it (``comal_openrlhf.pairs.win_matrix``, both orders requested): pairwise_lm then runs one forward per ordered pair,
-n(n-1) in all; the reward model and the GPM are antisymmetric and embed each response once, n forwards. Reported
+it (``comal_openrlhf.core.pairs.win_matrix``, both orders requested): pairwise_lm then runs one forward per ordered
+pair, n(n-1) in all; the reward model and the GPM are antisymmetric and embed each response once, n forwards. Reported
 per (judge, n): the median wall time per prompt over ``--prompts`` x ``--repeats`` measurements after a warm-up,
 the forwards per prompt (sequences the model ran, counted), and the ratio to pairwise_lm measured in the same run.
 """
@@ -50,7 +50,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the table goes to stderr)")
     a = p.parse_args(argv)
-    from comal_openrlhf._cli import json_stdout
+    from comal_openrlhf.cli.common import json_stdout
 
     with json_stdout(a.json) as emit:  # with --json, whatever a library prints goes to stderr
         report = run(a)
@@ -66,9 +66,9 @@ def run(a):
     import numpy as np
     import torch
 
+    from comal_openrlhf.core.pairs import win_matrix
     from comal_openrlhf.judges import build_judge
-    from comal_openrlhf.judges.gpm import build_tiny_gpm
-    from comal_openrlhf.pairs import win_matrix
+    from comal_openrlhf.judges.tiny_gpm import build_tiny_gpm
     from comal_openrlhf.tiny import DEFAULT_WORDS, build_tiny_llama
 
     torch.set_num_threads(a.threads)

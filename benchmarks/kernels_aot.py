@@ -1,7 +1,8 @@
-"""Compile every Triton kernel of this package for NVIDIA GPUs on a machine without one, and report its resources.
+"""Compile every Triton kernel of comal_openrlhf.kernels for NVIDIA GPUs on a machine without one, and report its
+resources.
 
-    python -m comal_openrlhf.kernels.aot                                     # benchmark shapes, bf16 + fp32, sm_80/90
-    python -m comal_openrlhf.kernels.aot --shape 16384,128256,4096 --dtype bf16 --arch 90 --json
+    python benchmarks/kernels_aot.py                                     # benchmark shapes, bf16 + fp32, sm_80/90
+    python benchmarks/kernels_aot.py --shape 16384,128256,4096 --dtype bf16 --arch 90 --json
 
 For each shape (``N,V`` for the from-logits kernels, ``N,V,D`` for the fused-linear path), dtype and architecture,
 the launch list is built by the launchers' own argument functions (``fwd_launch`` / ``bwd_launch``) on stand-in
@@ -16,7 +17,8 @@ memory, thread and block limits), and the instruction mix: 128-bit global loads 
 (HMMA on sm_80, HGMMA = wgmma on sm_90) and atomics (ATOM/RED). Exit status 1 on a compile error or a spill.
 
 Triton kernels cannot be compiled in a process where the package turned on Triton's CPU interpreter (see the
-package docstring); then this command re-runs itself with TRITON_INTERPRET=0.
+package docstring); then this command re-runs itself with TRITON_INTERPRET=0. Torch and triton suffice: where the
+project is not installed, the kernels are imported from this checkout (``_checkout.py``).
 """
 
 import argparse
@@ -26,6 +28,8 @@ import re
 import subprocess
 import sys
 import tempfile
+
+from _checkout import use_checkout
 
 # (registers per SM, max resident threads, max resident blocks, shared memory per SM usable by blocks, per block)
 SM_LIMITS = {80: (65536, 2048, 32, 164 * 1024, 163 * 1024), 90: (65536, 2048, 32, 228 * 1024, 227 * 1024)}
@@ -61,8 +65,9 @@ def launches(shape, dtype_name):
     import torch
 
     # The modules, not the functions of the same names that the package exports.
+    package = use_checkout().__name__
     lin, seq, ratio = (
-        importlib.import_module(f".{m}", __package__)
+        importlib.import_module(f"{package}.{m}")
         for m in ("linear_sequence_logps", "sequence_logps", "sequence_logratio")
     )
 
@@ -215,12 +220,10 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args(argv)
 
-    from . import triton_runs_on_cpu
-
-    if triton_runs_on_cpu():  # the interpreter is on in this process: compile in a fresh one without it
+    if use_checkout().triton_runs_on_cpu():  # the interpreter is on in this process: compile in a fresh one without it
         env = {**os.environ, "TRITON_INTERPRET": "0"}
         argv = sys.argv[1:] if argv is None else argv
-        cmd = [sys.executable, "-m", "comal_openrlhf.kernels.aot", *argv]
+        cmd = [sys.executable, os.path.abspath(__file__), *argv]
         return subprocess.run(cmd, env=env, check=False).returncode
 
     archs = [int(a) for a in args.arch.split(",")]

@@ -1,8 +1,8 @@
 """Benchmark of the per-sequence log-prob kernels against the paths they replace.
 
-    python -m comal_openrlhf.kernels.bench                                  # default shapes for this device
-    python -m comal_openrlhf.kernels.bench --mode full --shapes 4096x32000:fp32 --repeats 5 --out runs/bench
-    python -m comal_openrlhf.kernels.bench --quick                          # tiny shapes, seconds (smoke test)
+    python benchmarks/kernels_bench.py                                   # default shapes for this device
+    python benchmarks/kernels_bench.py --mode full --shapes 4096x32000:fp32 --repeats 5 --out runs/bench
+    python benchmarks/kernels_bench.py --quick                           # tiny shapes, seconds (smoke test)
 
 Shapes are ``NxV[:dtype]`` (N tokens, vocabulary V) for ``sequence_logps`` and ``sequence_logratio`` and
 ``NxVxd[:dtype]`` for ``linear_sequence_logps``; the N tokens are laid out as 2 sequences of N/2 (a preference
@@ -10,11 +10,14 @@ pair), all unmasked, temperature 1.
 
 Providers: ``torch-eager`` (fp32 log_softmax + gather, also the reference of the diff columns), ``openrlhf``
 (OpenRLHF 0.11.2's path: fp32 cast of the logits, then ``openrlhf.models.utils.log_probs_from_logits``; marked
-unavailable if it cannot be imported), ``ours-triton`` (CUDA only), ``ours-torch`` (chunked), and for the linear
-kernel the published anchors when installed (``pip install .[bench]``): ``liger-flce`` (Liger's fused linear cross
-entropy) and ``cce`` (Apple's Cut Cross-Entropy, arXiv 2411.09009; CUDA only). Ours run with
-``inplace_backward=True`` where the op has it. Modes: forward (graph built, as in training), backward
-(backward only; an untimed forward before each repeat) and full (forward + backward).
+unavailable if it cannot be imported), ``openrlhf-formula`` (the same function's path where flash-attn is absent,
+written out here so that it runs without OpenRLHF: fp32 cast, gather of the label logit, logsumexp over chunks of
+1024 rows), ``ours-triton`` (CUDA only), ``ours-torch`` (chunked), and for the linear kernel ``logits+ours`` (the
+N x V logits materialised by one GEMM, then our row kernel) and the published anchors when installed
+(``pip install .[bench]``): ``liger-flce`` (Liger's fused linear cross entropy) and ``cce`` (Apple's Cut
+Cross-Entropy, arXiv 2411.09009; CUDA only). Ours run with ``inplace_backward=True`` where the op has it. Modes:
+forward (graph built, as in training), backward (backward only; an untimed forward before each repeat) and full
+(forward + backward).
 
 Every (kernel, provider, mode, shape) row runs in a fresh subprocess, so the peak memory of one row is not hidden
 by the allocations of another. Peak memory is that of one forward (forward mode) or one forward + backward
@@ -25,13 +28,15 @@ not see torch's allocations). Timings: on CUDA ``triton.testing.do_bench`` (back
 ``backward()``, since each repeat needs a fresh forward); on CPU the median (p20, p80) of ``time.perf_counter``
 over the repeats, one thread unless --threads says otherwise. Throughput is effective: the minimal bytes (logits
 read once per pass, gradient written once) or useful FLOPs (2NdV forward, 4NdV backward) over the p50 time; the
-fraction of the device limit is given on an H100 only. Accuracy columns compare with torch-eager: max_abs_diff of
-the per-sequence mean log-prob, max_rel_diff of the per-sequence sums.
+fraction of the device limit is given on an H100 or H200 only (datasheet limits of ``config``). Accuracy columns
+compare with torch-eager: max_abs_diff of the per-sequence mean log-prob, max_rel_diff of the per-sequence sums.
 
-``--predict h100`` adds per row the HBM bytes and FLOPs of the provider's algorithm and the time they imply at H100
-limits (the stage model of ``config``; ``predict`` below lists each provider's assumptions), next to the time
-measured on an H100 ("not measured" on any other machine) and their ratio. ``--no-run`` skips the measurements
-(predictions only). ``--json`` prints one JSON object on stdout and everything else on stderr.
+``--predict h100`` (or ``h200``) adds per row the HBM bytes and FLOPs of the provider's algorithm and the time they
+imply at that device's limits (the stage model of ``config``; ``predict`` below lists each provider's assumptions),
+next to the time measured on that device ("not measured" on any other machine) and their ratio. ``--no-run`` skips
+the measurements (predictions only). ``--json`` prints one JSON object on stdout and everything else on stderr.
+
+The script runs where the project is not installed too (torch and triton suffice; see ``_checkout.py``).
 """
 
 import argparse
@@ -46,15 +51,20 @@ import sys
 import time
 
 import torch
+from _checkout import use_checkout
 
-from comal_openrlhf._cli import json_stdout
+K = use_checkout()  # comal_openrlhf.kernels, installed or from this checkout; before anything imports triton
+
+from comal_openrlhf.kernels import config  # noqa: E402 - importable from the checkout only after use_checkout()
+from comal_openrlhf.kernels.linear_sequence_logps import chunk_schedule  # noqa: E402
 
 KERNELS = ("sequence_logps", "sequence_logratio", "linear_sequence_logps")
-PROVIDERS = ("torch-eager", "openrlhf", "ours-triton", "ours-torch", "liger-flce", "cce")
-LINEAR_ONLY = ("liger-flce", "cce")
+PROVIDERS = ("torch-eager", "openrlhf", "openrlhf-formula", "ours-triton", "ours-torch", "logits+ours")
+PROVIDERS += ("liger-flce", "cce")
+LINEAR_ONLY = ("logits+ours", "liger-flce", "cce")
 MODES = ("forward", "backward", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-H100 = {"GB/s": 3350.0, "TFLOP/s": 989.0}  # HBM3 bandwidth and dense bf16 tensor-core peak
+DEVICES = {"h100": config.H100, "h200": config.H200}  # --predict
 
 GPU_SHAPES = ["16384x128256:bf16", "16384x128256:fp32", "16384x128256x4096:bf16"]
 CPU_SHAPES = ["4096x32000:fp32", "1024x32000:bf16", "1024x32000x256:fp32"]
@@ -76,7 +86,7 @@ FIELDS = [
     "max_rel_diff",
     "note",
 ]
-PREDICT_FIELDS = ["pred_GB", "pred_TFLOP", "h100_pred_ms", "h100_measured_ms", "measured/predicted"]
+PREDICT_FIELDS = ["pred_device", "pred_GB", "pred_TFLOP", "pred_ms", "measured_ms", "measured/predicted"]
 
 
 def parse_shape(spec, device):
@@ -135,11 +145,29 @@ def _openrlhf_logps(logits, labels, mask):
     return (log_probs_from_logits(logits.to(torch.float32), labels) * mask).sum(-1)
 
 
-def build_op(kernel, provider, x, device):
+def _openrlhf_formula_logps(logits, labels, mask, rows_per_chunk=1024):
+    """What ``openrlhf.models.utils.log_probs_from_logits`` (OpenRLHF 0.11.2) computes for the fp32 logits that
+    OpenRLHF's Actor passes it, on a machine without flash-attn: the label logit by a gather over all fp32 logits,
+    minus a logsumexp taken over chunks of 1024 token rows. Written here so it runs where OpenRLHF is absent."""
+    z = logits.to(torch.float32)
+    target = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    flat = z.reshape(-1, z.shape[-1])
+    lse = torch.zeros(flat.shape[0], dtype=z.dtype, device=z.device)
+    for s in range(0, flat.shape[0], rows_per_chunk):
+        lse[s : s + rows_per_chunk] = torch.logsumexp(flat[s : s + rows_per_chunk], dim=-1)
+    return ((target - lse.view_as(target)) * mask).sum(-1)
+
+
+FROM_LOGITS = {"torch-eager": _eager_logps, "openrlhf": _openrlhf_logps, "openrlhf-formula": _openrlhf_formula_logps}
+
+
+def build_op(kernel, provider, x, device, interpret=False):
     """A function running the provider's forward on inputs x and returning per-sequence sums (B, fp32).
 
+    ``interpret``: let the Triton backend run on CPU tensors under Triton's interpreter (tiny shapes only).
     Raises RuntimeError(reason) when the provider cannot run here."""
-    if provider == "ours-triton" and device != "cuda":
+    triton_here = device == "cuda" or (interpret and K.triton_runs_on_cpu())
+    if provider == "ours-triton" and not triton_here:
         raise RuntimeError("needs a CUDA GPU")
     if provider == "openrlhf":
         try:
@@ -163,21 +191,19 @@ def build_op(kernel, provider, x, device):
         except ImportError:
             raise RuntimeError("cut-cross-entropy not installed") from None
 
-    from comal_openrlhf import kernels as K
-
-    backend = provider.removeprefix("ours-")
+    backend = provider.removeprefix("ours-") if provider.startswith("ours") else "triton" if triton_here else "torch"
     if kernel == "sequence_logps":
         if provider.startswith("ours"):
             return lambda: K.sequence_logps(
                 x["logits"], x["labels"], x["mask"], backend=backend, inplace_backward=True
             )[0]
-        logps = _eager_logps if provider == "torch-eager" else _openrlhf_logps
+        logps = FROM_LOGITS[provider]
         return lambda: logps(x["logits"], x["labels"], x["mask"])
     if kernel == "sequence_logratio":
         if provider.startswith("ours"):
             args = (x["logits"], x["ref_logits"], x["labels"], x["mask"])
             return lambda: K.sequence_logratio(*args, backend=backend, inplace_backward=True)[2]
-        logps = _eager_logps if provider == "torch-eager" else _openrlhf_logps
+        logps = FROM_LOGITS[provider]
 
         def logratio():
             with torch.no_grad():
@@ -188,11 +214,13 @@ def build_op(kernel, provider, x, device):
     h, w, labels, mask = x["hidden"], x["weight"], x["labels"], x["mask"]
     if provider.startswith("ours"):
         return lambda: K.linear_sequence_logps(h, w, labels, mask, backend=backend)[0]
+    if provider == "logits+ours":  # the N x V logits materialised, then our row kernel (in-place backward)
+        return lambda: K.sequence_logps(h @ w.t(), labels, mask, backend=backend, inplace_backward=True)[0]
     if provider == "liger-flce":
         return lambda: -(flce(w, h.reshape(-1, h.shape[-1]), labels.reshape(-1)).view_as(mask) * mask).sum(-1)
     if provider == "cce":
         return lambda: -(linear_cross_entropy(h, w, labels, reduction="none").view_as(mask) * mask).sum(-1)
-    logps = _eager_logps if provider == "torch-eager" else _openrlhf_logps
+    logps = FROM_LOGITS[provider]
     return lambda: logps(h @ w.t(), labels, mask)
 
 
@@ -227,7 +255,7 @@ def run_child(spec):
     kernel, provider, mode = spec["kernel"], spec["provider"], spec["mode"]
     x = make_inputs(kernel, tuple(spec["dims"]), spec["dtype"], device)
     try:
-        op = build_op(kernel, provider, x, device)
+        op = build_op(kernel, provider, x, device, interpret=spec.get("interpret", False))
     except RuntimeError as e:
         return {"status": "unavailable", "note": str(e)}
     grads = _grad_inputs(x)
@@ -291,7 +319,7 @@ def run_child(spec):
         if device == "cuda":
             import triton.testing
 
-            q = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grads)
+            q = triton.testing.do_bench(fn, rep=spec.get("rep_ms", 100), quantiles=[0.5, 0.2, 0.8], grad_to_none=grads)
         else:
             fn()
             times = []
@@ -311,56 +339,70 @@ def run_child(spec):
 
 # ------------------------------------------------------------------------------------------- predicted times
 
+
 # HBM bytes per logits element of each from-logits provider, per (forward, backward) pass, at itemsize s of the
-# logits; the chunks of the torch paths (64 MB of fp32 on GPU) exceed the 50 MB L2, so each pass over them counts.
+# logits and n token rows; the chunks of the torch paths (64 MB of fp32 on GPU) exceed the 50 MB L2, so each pass
+# over them counts.
 #   ours-triton: read the row once; backward reads it and writes the gradient in place.
 #   ours-torch:  fp32 copy (s + 4), amax (4), sub_ and exp_ in place (8 each), sum (4); backward: copy (s + 4),
 #                five in-place passes (8 each), write back (4 + s).
 #   torch-eager: fp32 cast (s + 4, none for fp32 logits), log_softmax (~3 passes of 4); backward: zero-filled
 #                gather gradient (4), log_softmax backward (16), cast back (4 + s, none for fp32).
 #   openrlhf:    modelled as torch-eager (the same fp32 cast of all logits, then a log-softmax over them).
+#   openrlhf-formula: fp32 cast, then per 1024-row chunk torch.logsumexp: amax (4), z - max (8), exp_ (8), sum (4);
+#                backward: exp(z - lse) * g per chunk (24), autograd's slice backward gives each of the c chunks a
+#                zero-filled gradient of all N x V elements (4 c) with the chunk copied in (8), each added into the
+#                accumulated gradient (12 c, with the gather's); the gather's zero-filled gradient (4); cast back.
+def _cast(s):
+    return s + 4 if s != 4 else 0
+
+
 ROW_BYTES = {
-    "ours-triton": (lambda s: s, lambda s: 2 * s),
-    "ours-torch": (lambda s: s + 28, lambda s: 2 * s + 48),
-    "torch-eager": (lambda s: (s + 4 if s != 4 else 0) + 12, lambda s: 20 + (4 + s if s != 4 else 0)),
+    "ours-triton": (lambda s, n: s, lambda s, n: 2 * s),
+    "ours-torch": (lambda s, n: s + 28, lambda s, n: 2 * s + 48),
+    "torch-eager": (lambda s, n: _cast(s) + 12, lambda s, n: 20 + _cast(s)),
+    "openrlhf-formula": (lambda s, n: _cast(s) + 24, lambda s, n: 36 + 16 * math.ceil(n / 1024) + _cast(s)),
 }
 ROW_BYTES["openrlhf"] = ROW_BYTES["torch-eager"]
 
 
-def predict(row):
-    """(bytes, FLOPs, ms) of the provider's algorithm at H100 limits, from the cost model of ``config``; plus a
-    note on what was assumed. None for a provider without a model."""
-    from .config import H100, linear_chunked_stages, stage, total_ms
-
+def predict(row, device=config.H100):
+    """(bytes, FLOPs, ms) of the provider's algorithm at the limits of ``device`` (a dict like ``config.H100``:
+    datasheet limits, or ceilings measured on the card), from the cost model of ``config``; plus a note on what was
+    assumed. None for a provider without a model."""
     dims, dtype, mode, provider = row["dims"], row["dtype"], row["mode"], row["provider"]
     s = DTYPES[dtype].itemsize
     note = ""
+
+    def stage(name, flops, bytes_):
+        return config.stage(name, flops, bytes_, dtype, device)
+
     if row["kernel"] != "linear_sequence_logps":
         N, V = dims
         E = N * V
+        if provider not in ROW_BYTES:
+            return None
         fwd_b, bwd_b = ROW_BYTES[provider]
         reads = 2 if row["kernel"] == "sequence_logratio" else 1  # the paired kernel reads policy and reference
-        fwd = [stage("forward", 0.0, reads * E * fwd_b(s), dtype)]
-        bwd = [stage("backward", 0.0, E * bwd_b(s), dtype)]
+        fwd = [stage("forward", 0.0, reads * E * fwd_b(s, N))]
+        bwd = [stage("backward", 0.0, E * bwd_b(s, N))]
         stages = {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
     else:
-        from .linear_sequence_logps import chunk_schedule
-
         N, V, D = dims
         E, gemm, W, H = N * V, 2.0 * N * V * D, V * D * s, N * D * s
         if provider in ("ours-triton", "ours-torch"):
             chunks = chunk_schedule(N, V, D, DTYPES[dtype], "cuda")
-            stages = linear_chunked_stages(N, V, D, dtype, chunks[0][1], mode)
+            stages = config.linear_chunked_stages(N, V, D, dtype, chunks[0][1], mode, device)
             if provider == "ours-torch":  # the row stages run as the chunked torch passes instead
-                rows = {"row kernel: lse, logp": E * ROW_BYTES["ours-torch"][0](s)}
-                rows["row kernel: dz in place"] = E * ROW_BYTES["ours-torch"][1](s)
-                stages = [stage(st["stage"], st["flops"], rows.get(st["stage"], st["bytes"]), dtype) for st in stages]
+                rows = {"row kernel: lse, logp": E * ROW_BYTES["ours-torch"][0](s, N)}
+                rows["row kernel: dz in place"] = E * ROW_BYTES["ours-torch"][1](s, N)
+                stages = [stage(st["stage"], st["flops"], rows.get(st["stage"], st["bytes"])) for st in stages]
             note = f"chunks of {chunks[0][1]} tokens"
-        elif provider in ("torch-eager", "openrlhf"):
-            fwd = [stage("logits GEMM", gemm, W + H + E * s, dtype)]
-            fwd += [stage("log-softmax", 0.0, E * ROW_BYTES["torch-eager"][0](s), dtype)]
-            bwd = [stage("log-softmax backward", 0.0, E * ROW_BYTES["torch-eager"][1](s), dtype)]
-            bwd += [stage("dh GEMM", gemm, E * s + W + H, dtype), stage("dW GEMM", gemm, E * s + H + W, dtype)]
+        elif provider in ("torch-eager", "openrlhf", "openrlhf-formula", "logits+ours"):
+            rows = ROW_BYTES["ours-triton" if provider == "logits+ours" else provider]
+            fwd = [stage("logits GEMM", gemm, W + H + E * s), stage("log-probs", 0.0, E * rows[0](s, N))]
+            bwd = [stage("log-probs backward", 0.0, E * rows[1](s, N))]
+            bwd += [stage("dh GEMM", gemm, E * s + W + H), stage("dW GEMM", gemm, E * s + H + W)]
             stages = {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
             note = "N x V logits materialised"
         elif provider == "liger-flce":
@@ -368,21 +410,18 @@ def predict(row):
             # next_power_of_2(N / ceil(V / D)) tokens, accumulating dW in the weight dtype; its backward only scales.
             chunk = 1 << max(0, (math.ceil(N / math.ceil(V / D)) - 1).bit_length())
             n = math.ceil(N / chunk)
-            fwd = [stage("logits GEMM", gemm, n * W + H + E * s, dtype)]
-            fwd += [stage("cross-entropy kernel in place", 0.0, 2 * E * s, dtype)]
-            fwd += [
-                stage("dh GEMM", gemm, n * W + E * s + H, dtype),
-                stage("dW GEMM", gemm, 2 * n * W + E * s + H, dtype),
-            ]
-            bwd = [stage("scale dh, dW", 0.0, 2 * (W + H), dtype)]
+            fwd = [stage("logits GEMM", gemm, n * W + H + E * s)]
+            fwd += [stage("cross-entropy kernel in place", 0.0, 2 * E * s)]
+            fwd += [stage("dh GEMM", gemm, n * W + E * s + H), stage("dW GEMM", gemm, 2 * n * W + E * s + H)]
+            bwd = [stage("scale dh, dW", 0.0, 2 * (W + H))]
             stages = {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
             note = f"chunks of {chunk} tokens; gradients formed in the forward"
         elif provider == "cce":
             # Cut Cross-Entropy (arXiv 2411.09009): fused kernels that never write logits; modelled at the FLOP
             # floor with h and W read once per pass; its gradient filtering (skipping vocabulary blocks whose
             # softmax is below bf16 resolution) can remove part of the backward's FLOPs, which is not credited here.
-            fwd = [stage("fused logits + lse", gemm, W + H, dtype)]
-            bwd = [stage("fused recompute + dh + dW", 3 * gemm, 2 * (W + H) + 4 * V * D, dtype)]
+            fwd = [stage("fused logits + lse", gemm, W + H)]
+            bwd = [stage("fused recompute + dh + dW", 3 * gemm, 2 * (W + H) + 4 * V * D)]
             stages = {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
             note = "no gradient filtering credited"
         else:
@@ -390,13 +429,15 @@ def predict(row):
     return {
         "bytes": sum(st["bytes"] for st in stages),
         "flops": sum(st["flops"] for st in stages),
-        "ms": total_ms(stages),
-        "device": H100["name"],
+        "ms": config.total_ms(stages),
+        "device": device["name"],
         "note": note,
     }
 
 
-def throughput(row, p50_ms, device):
+def effective(row, p50_ms):
+    """(rate, unit): the minimal bytes (logits read once per pass, gradient written once) or useful FLOPs (2NdV
+    forward, 4NdV backward) of the row over its p50 time."""
     dims, dt = row["dims"], DTYPES[row["dtype"]]
     passes = {"forward": 1, "backward": 2, "full": 3}[row["mode"]]  # logits reads + gradient write
     if row["kernel"] == "linear_sequence_logps":
@@ -406,13 +447,32 @@ def throughput(row, p50_ms, device):
         N, V = dims
         reads = 2 if row["kernel"] == "sequence_logratio" and row["mode"] != "backward" else 1
         amount, unit = (reads + passes - 1) * N * V * dt.itemsize / 1e9, "GB/s"
-    rate = amount / (p50_ms / 1e3)
-    on_h100 = device == "cuda" and "H100" in torch.cuda.get_device_name()
-    return rate, unit, (f"{rate / H100[unit]:.2f}" if on_h100 else "n/a")
+    return amount / (p50_ms / 1e3), unit
+
+
+def limit(row, unit, device):
+    """The device's limit for a rate in ``unit`` (GB/s: HBM bandwidth; TFLOP/s: dense peak of the row's dtype)."""
+    return device["hbm_bytes_s"] / 1e9 if unit == "GB/s" else device["flops_s"][row["dtype"]] / 1e12
+
+
+def datasheet(device):
+    """config's datasheet limits of this machine's GPU (H100 or H200), else None."""
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((d for key, d in DEVICES.items() if key.upper() in name), None)
+
+
+def throughput(row, p50_ms, device):
+    rate, unit = effective(row, p50_ms)
+    sheet = datasheet(device)
+    return rate, unit, (f"{rate / limit(row, unit, sheet):.2f}" if sheet else "n/a")
 
 
 def unavailable_here(provider, device):
     """Skip, without starting a subprocess, the providers that cannot run here (build_op re-checks in the child)."""
+    if provider == "openrlhf" and importlib.util.find_spec("openrlhf") is None:
+        return {"status": "unavailable", "note": "openrlhf not installed"}
     if provider == "ours-triton" and device != "cuda":
         return {"status": "unavailable", "note": "needs a CUDA GPU"}
     if provider == "liger-flce" and importlib.util.find_spec("liger_kernel") is None:
@@ -432,7 +492,7 @@ def run_row(row, repeats, threads, out_dir):
         env["OMP_NUM_THREADS"] = str(threads)
     # cwd = out_dir: from the repository root our kernels/ folder would shadow the PyPI package `kernels`.
     p = subprocess.run(
-        [sys.executable, "-m", "comal_openrlhf.kernels.bench", "--child", json.dumps(spec)],
+        [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
         capture_output=True,
         text=True,
         env=env,
@@ -463,9 +523,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny shapes, full mode, 1 repeat: a smoke test")
     ap.add_argument(
         "--predict",
-        choices=["h100"],
-        help="add per row the bytes and FLOPs of the provider's algorithm and the time they imply at H100 limits "
-        '(3.35 TB/s, 989 TFLOP/s bf16), next to the time measured on an H100 ("not measured" elsewhere)',
+        choices=sorted(DEVICES),
+        help="add per row the bytes and FLOPs of the provider's algorithm and the time they imply at that device's "
+        'datasheet limits (kernels/config.py), next to the time measured on such a device ("not measured" elsewhere)',
     )
     ap.add_argument("--no-run", dest="no_run", action="store_true", help="measure nothing (with --predict: the model)")
     ap.add_argument("--json", action="store_true", help="print only one JSON object on stdout (all else to stderr)")
@@ -475,11 +535,9 @@ def main(argv=None):
     if args.child:
         print("BENCH_RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
         return
-    with json_stdout(args.json) as emit:  # --json: descriptor 1 goes to stderr until the JSON object is printed
-        return _main(args, emit)
+    # Only this process writes to stdout here (the rows run in child processes, whose output is read, not passed
+    # on), so --json needs no redirect: everything but the final JSON object goes to stderr.
 
-
-def _main(args, emit):
     def say(*parts):
         print(*parts, file=sys.stderr if args.json else sys.stdout, flush=True)
 
@@ -512,8 +570,8 @@ def _main(args, emit):
         ),
         f"Timing: {timing}.",
         (
-            "Throughput is effective (minimal bytes or useful FLOPs / p50); fraction of limit on H100 only "
-            "(3.35 TB/s, 989 TFLOP/s)."
+            "Throughput is effective (minimal bytes or useful FLOPs / p50); fraction of the datasheet limit on an "
+            "H100 (3.35 TB/s, 989 TFLOP/s) or H200 (4.8 TB/s, 989 TFLOP/s) only."
         ),
         (
             "vs torch-eager: max_abs_diff of the per-sequence mean log-prob (sum / tokens), max_rel_diff of the "
@@ -522,12 +580,15 @@ def _main(args, emit):
     ]
     if device != "cuda":
         header.append("NOTE: no GPU here - Triton timings need a GPU; ours-triton rows are skipped on CPU.")
-    on_h100 = device == "cuda" and "H100" in torch.cuda.get_device_name()
-    if args.predict:
+    target = DEVICES.get(args.predict)
+    on_target = target is not None and datasheet(device) is target
+    if target:
         header.append(
-            "Predicted (H100 SXM: 3.35 TB/s HBM, 989 TFLOP/s dense bf16, 67 TFLOP/s fp32): bytes and FLOPs of each "
-            "provider's algorithm, each stage max(FLOPs / peak, bytes / bandwidth), summed (kernels/config.py); a "
-            'lower bound. h100_measured_ms is the p50 above when this machine is an H100, else "not measured".'
+            f"Predicted ({target['name']}: {target['hbm_bytes_s'] / 1e12:.2f} TB/s HBM, "
+            f"{target['flops_s']['bf16'] / 1e12:.0f} TFLOP/s dense bf16, {target['flops_s']['fp32'] / 1e12:.0f} "
+            "TFLOP/s fp32): bytes and FLOPs of each provider's algorithm, each stage max(FLOPs / peak, bytes / "
+            "bandwidth), summed (kernels/config.py); a lower bound. measured_ms is the p50 above when this machine is "
+            f'an {args.predict.upper()}, else "not measured".'
         )
     say("\n".join(header))
 
@@ -554,16 +615,13 @@ def _main(args, emit):
                 rec["max_abs_diff"] = (torch.tensor(res["means"]) - ref[key]["means"]).abs().max().item()
                 rel = (torch.tensor(res["sums"]) - ref[key]["sums"]).abs() / ref[key]["sums"].abs().clamp(min=1e-30)
                 rec["max_rel_diff"] = rel.max().item()
-        if args.predict:
-            pr = predict(row)
+        if target:
+            pr = predict(row, target)
             if pr is not None:
-                rec["pred_GB"], rec["pred_TFLOP"], rec["h100_pred_ms"] = (
-                    pr["bytes"] / 1e9,
-                    pr["flops"] / 1e12,
-                    pr["ms"],
-                )
-                measured = on_h100 and res["status"] == "ok"
-                rec["h100_measured_ms"] = res["p50_ms"] if measured else "not measured"
+                rec.update(pred_device=pr["device"], pred_GB=pr["bytes"] / 1e9, pred_TFLOP=pr["flops"] / 1e12)
+                rec["pred_ms"] = pr["ms"]
+                measured = on_target and res["status"] == "ok"
+                rec["measured_ms"] = res["p50_ms"] if measured else "not measured"
                 rec["measured/predicted"] = res["p50_ms"] / pr["ms"] if measured else ""
                 if pr["note"]:
                     rec["note"] = "; ".join(x for x in (rec["note"], pr["note"]) if x)
@@ -587,7 +645,7 @@ def _main(args, emit):
     say("\n" + "\n".join(table + [""] + summary))
     say(f"\nwrote {out_dir}/bench.md and bench.csv")
     if args.json:
-        emit({"device": where, "header": header, "rows": rows, "summary": summary})
+        print(json.dumps({"device": where, "header": header, "rows": rows, "summary": summary}), flush=True)
 
 
 def target_check(rows):

@@ -5,10 +5,11 @@
     linear_sequence_logps(hidden, weight, ...)        -> (seq_sum, seq_mean), never materialising N x V logits
 
 Each takes ``backend`` in BACKENDS: "triton" (CUDA), "torch" (chunked PyTorch, any device) or "auto" (triton on
-CUDA tensors, torch otherwise). Plain PyTorch references live in ``reference.py``; ``python -m
-comal_openrlhf.kernels.bench`` times and measures them (``--predict h100``: the H100 cost model next to them);
-``python -m comal_openrlhf.kernels.aot`` compiles every kernel for sm_80/sm_90 without a GPU and reports registers
-and spills; ``config.py`` holds every launch configuration. These kernels know nothing of OpenRLHF or COMAL.
+CUDA tensors, torch otherwise). Plain PyTorch references live in ``reference.py``; ``config.py`` holds every launch
+configuration and the cost model. These kernels know nothing of OpenRLHF or COMAL: they import torch, triton and
+each other (relative imports), so the folder also imports by path where the project is not installed. Benchmarks and
+the ahead-of-time compile check live outside the package, in the repository's ``benchmarks/`` (``kernels_bench.py``,
+``kernels_aot.py``, ``device_check.py``).
 
 Triton on a CPU-only machine: Triton runs kernels on CPU tensors only in its interpreter, which triton 3.8 picks
 when a ``@triton.jit`` decorator runs (``triton.jit`` reads ``knobs.runtime.interpret``, i.e. the TRITON_INTERPRET

@@ -1,8 +1,8 @@
 """Launch configuration of every kernel in this package, in one place, and the H100 cost model that picks it.
 
 The launchers (``sequence_logps``, ``sequence_logratio``, ``linear_sequence_logps``) and the ahead-of-time compile
-check (``python -m comal_openrlhf.kernels.aot``) both read their tile sizes, warp counts and token chunks from here,
-so what ``aot`` compiles for sm_80/sm_90 is exactly what a launcher would run.
+check (``benchmarks/kernels_aot.py`` in the repository) both read their tile sizes, warp counts and token chunks
+from here, so what it compiles for sm_80/sm_90 is exactly what a launcher would run.
 
 Cost model: each stage of an algorithm takes max(FLOPs / peak, bytes / bandwidth) at the device limits (H100 SXM:
 3.35 TB/s HBM3, 989 TFLOP/s dense bf16 on tensor cores, 67 TFLOP/s fp32 without TF32); a stage is one kernel or
@@ -18,8 +18,10 @@ import math
 # iterations; a 4096-wide block keeps 16 fp32 values per thread in registers at 8 warps.
 MAX_BLOCK_V = 4096
 
-# Device limits used by the cost model and by the benchmark's predicted columns.
+# Datasheet limits used by the cost model and by the benchmark's predicted columns. The H200 has the H100's compute
+# with faster HBM3e (141 GB); a benchmark run on a card can pass the ceilings it measured instead (same keys).
 H100 = {"name": "H100 SXM", "hbm_bytes_s": 3.35e12, "flops_s": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}}
+H200 = {"name": "H200 SXM", "hbm_bytes_s": 4.8e12, "flops_s": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}}
 
 # Fused-linear token chunks. GPU: the smallest chunk at which every GEMM of the chunked algorithm is compute-bound
 # with 2x headroom under the model (see linear_chunk_rows), capped so that one chunk of logits stays under
@@ -36,9 +38,13 @@ ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 def row_block(V: int) -> dict:
-    """Meta-parameters of the row kernels (_logps_fwd_kernel, _logps_bwd_kernel, _logratio_fwd_kernel)."""
+    """Meta-parameters of the row kernels (_logps_fwd_kernel, _logps_bwd_kernel, _logratio_fwd_kernel).
+
+    V_BLOCKS (the trip count of their loop over the vocabulary) is a compile-time constant rather than a bound
+    computed from V in the kernel: Triton 3.6's interpreter turns a runtime loop bound into a Python int with
+    ``int()`` on a one-element array, which NumPy >= 2.4 refuses (Triton 3.8 squeezes it first)."""
     block = min(MAX_BLOCK_V, 1 << max(0, (V - 1).bit_length()))
-    return {"BLOCK_V": block, "num_warps": 8 if block >= 2048 else 4}
+    return {"BLOCK_V": block, "V_BLOCKS": math.ceil(V / block), "num_warps": 8 if block >= 2048 else 4}
 
 
 def stage(name: str, flops: float, bytes_: float, dtype: str, device: dict = H100) -> dict:
@@ -49,7 +55,9 @@ def stage(name: str, flops: float, bytes_: float, dtype: str, device: dict = H10
     return {"stage": name, "flops": flops, "bytes": bytes_, "ms": 1e3 * max(t_flops, t_bytes), "bound": bound}
 
 
-def linear_chunked_stages(N: int, V: int, D: int, dtype: str, chunk: int, mode: str = "full") -> list:
+def linear_chunked_stages(
+    N: int, V: int, D: int, dtype: str, chunk: int, mode: str = "full", device: dict = H100
+) -> list:
     """Stages of the chunked fused-linear algorithm (this package's) for N unmasked tokens.
 
     Forward per chunk: z = h W^T (GEMM, logits written in the weight dtype), row kernel -> lse, logp (reads z).
@@ -62,14 +70,14 @@ def linear_chunked_stages(N: int, V: int, D: int, dtype: str, chunk: int, mode: 
     logits = N * V * s
     hid = N * D * s
     fwd = [
-        stage("logits GEMM", gemm, w_reads + hid + logits, dtype),
-        stage("row kernel: lse, logp", 0.0, logits, dtype),
+        stage("logits GEMM", gemm, w_reads + hid + logits, dtype, device),
+        stage("row kernel: lse, logp", 0.0, logits, dtype, device),
     ]
     bwd = [
-        stage("logits GEMM (recompute)", gemm, w_reads + hid + logits, dtype),
-        stage("row kernel: dz in place", 0.0, 2 * logits, dtype),
-        stage("dh = dz W", gemm, w_reads + logits + hid, dtype),
-        stage("dW += dz^T h", gemm, 2 * w_reads + logits + hid, dtype),
+        stage("logits GEMM (recompute)", gemm, w_reads + hid + logits, dtype, device),
+        stage("row kernel: dz in place", 0.0, 2 * logits, dtype, device),
+        stage("dh = dz W", gemm, w_reads + logits + hid, dtype, device),
+        stage("dW += dz^T h", gemm, 2 * w_reads + logits + hid, dtype, device),
     ]
     return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
 

@@ -33,10 +33,10 @@ tokens, V=128,256, d=4096, bf16; the FLOP floor of forward + backward, 6NdV, is 
   the model is that the logits never reach HBM, worth at most 2.5 ms (3% of the chunked total) at equal GEMM
   efficiency, which a fixed 64/64/64 Triton tile is unlikely to reach against cuBLAS; and its fp32 logits differ
   from the bf16 logits that a cuBLAS backward recomputes (the saved lse would not match the backward's softmax).
-  Compiled by ``aot``'s functions with the old launcher's configuration and specialisation (N=16,384,
+  Compiled by ``kernels_aot``'s functions with the old launcher's configuration and specialisation (N=16,384,
   V=128,256, d=4096, bf16): forward 166 registers on sm_80 and 132 on sm_90, no spills; backward 255 registers and
   96 bytes of spills on sm_80, 150 registers on sm_90, 64 (sm_80) and 16 (sm_90) atomic instructions. Neither fused
-  kernel is kept; the row kernels used now take 32-39 registers (48-59 for the paired one) and never spill.
+  kernel is kept; the row kernels used now take 39-56 registers (63-64 for the paired one) and never spill.
 """
 
 import importlib
@@ -51,7 +51,7 @@ rows = importlib.import_module(".sequence_logps", __package__)
 
 
 def chunk_schedule(n_rows, V, D, dtype, device_type):
-    """Row ranges [start, stop) of the token chunks; ``aot`` reads the same schedule."""
+    """Row ranges [start, stop) of the token chunks; ``kernels_aot`` reads the same schedule."""
     size = linear_chunk_rows(n_rows, V, D, dtype_name(dtype), device_type)
     return [(s, min(s + size, n_rows)) for s in range(0, n_rows, size)]
 

@@ -92,20 +92,21 @@ def _logps_fwd_kernel(
     V,
     inv_temp,
     BLOCK_V: tl.constexpr,
+    V_BLOCKS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + (row // L) * stride_b + (row % L) * stride_l
     m = tl.load(mask_ptr + row)
-    # A masked row runs zero iterations: its logits are never read and its (garbage) label never used.
-    n = tl.where(m != 0, V, 0)
-    run_max = float("-inf")
-    run_sum = 0.0
-    for start in range(0, n, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
-        new_max = tl.maximum(run_max, tl.max(x, 0))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
-        run_max = new_max
+    run_max = tl.full((), float("-inf"), tl.float32)
+    run_sum = tl.zeros((), tl.float32)
+    # A masked row skips the loop: its logits are never read and its (garbage) label never used.
+    if m != 0:
+        for i in range(V_BLOCKS):
+            cols = i * BLOCK_V + tl.arange(0, BLOCK_V)
+            x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
+            new_max = tl.maximum(run_max, tl.max(x, 0))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
+            run_max = new_max
     label = tl.load(labels_ptr + row)
     target = tl.load(base + label, mask=m != 0, other=0.0).to(tl.float32) * inv_temp
     # Masked rows get lse = 0 without evaluating log(0) (the interpreter would warn about it).
@@ -129,6 +130,7 @@ def _logps_bwd_kernel(
     V,
     inv_temp,
     BLOCK_V: tl.constexpr,
+    V_BLOCKS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + (row // L) * stride_b + (row % L) * stride_l
@@ -139,8 +141,8 @@ def _logps_bwd_kernel(
     scale = g * inv_temp
     # Rows with g == 0 (masked) read nothing and write zeros; the outer where() also keeps 0 * inf out.
     n_read = tl.where(g != 0, V, 0)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
+    for i in range(V_BLOCKS):
+        cols = i * BLOCK_V + tl.arange(0, BLOCK_V)
         x = tl.load(base + cols, mask=cols < n_read, other=0.0).to(tl.float32) * inv_temp
         p = tl.exp(x - lse)
         grad = tl.where(g != 0, scale * (tl.where(cols == label, 1.0, 0.0) - p), 0.0)
@@ -148,14 +150,14 @@ def _logps_bwd_kernel(
 
 
 def fwd_launch(logits, labels, mask, logp, lse, temperature):
-    """(kernel, grid, args, meta) of the forward row kernel; triton_forward launches it, ``aot`` compiles it."""
+    """(kernel, grid, args, meta) of the forward row kernel; triton_forward launches it, kernels_aot compiles it."""
     B, L, V = logits.shape
     args = (logits, logits.stride(0), logits.stride(1), labels, mask, logp, lse, L, V, 1.0 / temperature)
     return _logps_fwd_kernel, (B * L,), args, row_block(V)
 
 
 def bwd_launch(logits, labels, lse, g, temperature, grad):
-    """(kernel, grid, args, meta) of the backward row kernel; triton_backward launches it, ``aot`` compiles it."""
+    """(kernel, grid, args, meta) of the backward row kernel; triton_backward launches it, kernels_aot compiles it."""
     B, L, V = logits.shape
     args = (logits, logits.stride(0), logits.stride(1), grad, grad.stride(0), grad.stride(1), labels, g, lse, L, V)
     return _logps_bwd_kernel, (B * L,), args + (1.0 / temperature,), row_block(V)

@@ -48,6 +48,7 @@ def _logratio_fwd_kernel(
     V,
     inv_temp,
     BLOCK_V: tl.constexpr,
+    V_BLOCKS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // L
@@ -55,21 +56,21 @@ def _logratio_fwd_kernel(
     pol = pol_ptr + b * pol_stride_b + t * pol_stride_l
     ref = ref_ptr + b * ref_stride_b + t * ref_stride_l
     m = tl.load(mask_ptr + row)
-    n = tl.where(m != 0, V, 0)  # masked rows read nothing
-    p_max = float("-inf")
-    p_sum = 0.0
-    r_max = float("-inf")
-    r_sum = 0.0
-    for start in range(0, n, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(pol + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
-        y = tl.load(ref + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
-        new_p = tl.maximum(p_max, tl.max(x, 0))
-        new_r = tl.maximum(r_max, tl.max(y, 0))
-        p_sum = p_sum * tl.exp(p_max - new_p) + tl.sum(tl.exp(x - new_p), 0)
-        r_sum = r_sum * tl.exp(r_max - new_r) + tl.sum(tl.exp(y - new_r), 0)
-        p_max = new_p
-        r_max = new_r
+    p_max = tl.full((), float("-inf"), tl.float32)
+    p_sum = tl.zeros((), tl.float32)
+    r_max = tl.full((), float("-inf"), tl.float32)
+    r_sum = tl.zeros((), tl.float32)
+    if m != 0:  # masked rows read nothing
+        for i in range(V_BLOCKS):
+            cols = i * BLOCK_V + tl.arange(0, BLOCK_V)
+            x = tl.load(pol + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
+            y = tl.load(ref + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
+            new_p = tl.maximum(p_max, tl.max(x, 0))
+            new_r = tl.maximum(r_max, tl.max(y, 0))
+            p_sum = p_sum * tl.exp(p_max - new_p) + tl.sum(tl.exp(x - new_p), 0)
+            r_sum = r_sum * tl.exp(r_max - new_r) + tl.sum(tl.exp(y - new_r), 0)
+            p_max = new_p
+            r_max = new_r
     label = tl.load(labels_ptr + row)
     p_target = tl.load(pol + label, mask=m != 0, other=0.0).to(tl.float32) * inv_temp
     r_target = tl.load(ref + label, mask=m != 0, other=0.0).to(tl.float32) * inv_temp
@@ -81,7 +82,7 @@ def _logratio_fwd_kernel(
 
 
 def fwd_launch(policy_logits, ref_logits, labels, mask, pol_logp, pol_lse, ref_logp, temperature):
-    """(kernel, grid, args, meta) of the paired forward kernel; triton_forward launches it, ``aot`` compiles it."""
+    """(kernel, grid, args, meta) of the paired forward kernel: triton_forward launches it, kernels_aot compiles it."""
     B, L, V = policy_logits.shape
     args = (
         policy_logits,

@@ -8,11 +8,21 @@ such errors; SAFETY covers their sum at about four standard deviations.
 """
 
 import math
+import os
+import sys
 
 import pytest
 import torch
 
-from comal_openrlhf.kernels import triton_runs_on_cpu
+# benchmarks/ (its scripts, and _checkout: comal_openrlhf.kernels from this checkout where the project is not
+# installed, as on the lent GPU machine and in scripts/device_compat.sh's environment; see benchmarks/_checkout.py).
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.append(BENCHMARKS)
+from _checkout import use_checkout  # noqa: E402
+
+use_checkout()  # before anything imports triton (see the package docstring)
+
+from comal_openrlhf.kernels import triton_runs_on_cpu  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -1,4 +1,4 @@
-"""Smoke test of examples/bench_judges.py at toy sizes: the forwards each judge runs for all pairs of n samples."""
+"""Smoke test of benchmarks/judges.py at toy sizes: the forwards each judge runs for all pairs of n samples."""
 
 import argparse
 import importlib.util
@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.integration  # builds three models and times them: several seconds
 def test_bench_judges_counts_forwards():
-    spec = importlib.util.spec_from_file_location("bench_judges", os.path.join(REPO, "examples", "bench_judges.py"))
+    spec = importlib.util.spec_from_file_location("bench_judges", os.path.join(REPO, "benchmarks", "judges.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     args = argparse.Namespace(

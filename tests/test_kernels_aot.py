@@ -1,24 +1,24 @@
-"""``python -m comal_openrlhf.kernels.aot`` compiles every kernel a launcher uses for sm_80 and sm_90 on this (CPU)
+"""``python benchmarks/kernels_aot.py`` compiles every kernel a launcher uses for sm_80 and sm_90 on this (CPU)
 machine, as the launcher configures it, and none of them spills."""
 
 import json  # noqa: I001
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from _kernels import BENCHMARKS
 
 
 def test_stand_ins_specialise_like_tensors():
     """aot's stand-in tensors get the runtime specialisation Triton's JIT gives real tensors of those strides."""
     import importlib
 
+    from kernels_aot import StandIn
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
-
-    from comal_openrlhf.kernels import sequence_logps as _  # noqa: F401 - the package sets up the interpreter
-    from comal_openrlhf.kernels.aot import StandIn
 
     seq = importlib.import_module("comal_openrlhf.kernels.sequence_logps")
     backend = make_backend(GPUTarget("cuda", 90, 32))
@@ -40,7 +40,7 @@ def test_stand_ins_specialise_like_tensors():
 @pytest.mark.integration
 def test_every_launched_kernel_compiles_for_sm80_sm90_without_spills():
     p = subprocess.run(
-        [sys.executable, "-m", "comal_openrlhf.kernels.aot", "--arch", "80,90", "--json"],
+        [sys.executable, os.path.join(BENCHMARKS, "kernels_aot.py"), "--arch", "80,90", "--json"],
         capture_output=True,
         text=True,
         timeout=600,

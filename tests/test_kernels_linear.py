@@ -161,6 +161,7 @@ def test_chunks_and_masked_rows_skipped(monkeypatch):
     torch.testing.assert_close(s, s1, rtol=0, atol=0)  # chunks are rows: the per-row arithmetic is unchanged
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_llama_sized_head():
     case = make_case(2, 200, 1024, 128256, torch.bfloat16, seed=3)

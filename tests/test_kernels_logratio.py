@@ -96,6 +96,7 @@ def test_shape_mismatch_is_refused():
         sequence_logratio(policy, ref[:, :2], labels, mask)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_llama3_vocab():
     policy, ref, labels, mask = make_case(2, 128, 128256, torch.bfloat16, torch.bfloat16, seed=3)

@@ -164,6 +164,7 @@ def test_resolve_backend():
         resolve_backend("cuda", torch.device("cpu"))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_llama3_vocab(dtype):
