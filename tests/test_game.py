@@ -11,22 +11,22 @@ import sys
 import numpy as np
 import pytest
 
-from comal_openrlhf.game import (
+from comal_openrlhf.cli.game import main
+from comal_openrlhf.core.game import (
     RulePairs,
     _log_multinomial,
     duality_gap,
     kl,
     loss_step,
-    main,
     paper_game,
     rule_step,
     run,
     sample_sets,
     solve_nash,
 )
-from comal_openrlhf.judges.table import TableJudge
-from comal_openrlhf.matrix import MatrixError, load_matrix
-from comal_openrlhf.pairs import build_pairs
+from comal_openrlhf.core.judging import TableJudge
+from comal_openrlhf.core.matrix import MatrixError, load_matrix
+from comal_openrlhf.core.pairs import EMPTY, build_pairs
 
 SKEWED = [0.6, 0.3, 0.1]
 
@@ -253,6 +253,65 @@ def test_faithful_rules_take_the_exact_step(rule, prox):
     np.testing.assert_allclose(step, exact, atol=1e-8)  # both solved to gradient 1e-13 on an O(1) curvature
 
 
+@pytest.mark.parametrize("rule", FAITHFUL)
+@pytest.mark.parametrize("ref", [None, [0.2, 0.3, 0.5]])
+def test_rebel_rule_step_is_the_exact_step(rule, ref):
+    # leave-two-out win rates are unbiased given the pair and rebel is quadratic in the logits, so the step expected
+    # over all 21 multisets of 5 samples is the closed-form step exactly (leave-one-out: a step of 1.25 eta)
+    P, _ = paper_game()
+    mu = np.array(SKEWED)
+    ref = mu if ref is None else np.array(ref)
+    tau = 0.0 if ref is mu else 0.1
+    rp = RulePairs(P, rule, 5)
+    step, _ = rule_step(rp, np.log(mu), np.log(ref), 1.0, tau, "rebel", mu, sample_sets(3, 5))
+    np.testing.assert_allclose(np.exp(step), closed_form(P, mu, ref, 1.0, tau), atol=1e-9)  # measured 3e-16
+    res = run(P, "mwu", "loss", "rebel", 1, init=SKEWED, pairs=rule, samples=5)  # the issue's command
+    np.testing.assert_allclose(res["policy"], closed_form(P, mu, mu, 1.0, 0.0), atol=1e-9)
+
+
+@pytest.mark.parametrize("rule", FAITHFUL)
+@pytest.mark.parametrize("ref", [None, [0.2, 0.3, 0.5]])
+def test_sppo_rule_step_is_a_count_weighted_regression(rule, ref):
+    # sppo regresses log pi/C (y) on (P(y > mu) - 1/2)/beta per response. Its targets are unbiased now, but pairs
+    # of two copies of one string are not built, so response y enters with expected weight sum over distinct
+    # partners c_y (N - c_y) / (N (N - 1)), i.e. mu(y) (1 - mu(y)), where the exact pairs y, y' ~ mu give mu(y).
+    # The rule step is exactly the minimiser of that weighted regression; it is neither the exact-pairs sppo step
+    # nor the closed-form step, because log pi/C cannot meet every target (a nonzero log-partition).
+    P, _ = paper_game()
+    mu = np.array(SKEWED)
+    ref = mu if ref is None else np.array(ref)
+    tau = 0.0 if ref is mu else 0.1
+    log_mu, log_ref = np.log(mu), np.log(ref)
+    step, _ = rule_step(RulePairs(P, rule, 5), log_mu, log_ref, 1.0, tau, "sppo", mu, sample_sets(3, 5))
+    wins = P @ mu
+    weighted = {"i": np.arange(3), "j": np.arange(3), "wi": wins, "wj": wins, "soft": np.full(3, 0.5)}
+    weighted["weight"] = mu * (1 - mu)  # a pair (y, y) carries 1/2 + 1/2 of y's regression
+    want = loss_step(P, log_mu, log_ref, 1.0, tau, "sppo", pairs=weighted)
+    np.testing.assert_allclose(np.exp(step), np.exp(want), atol=1e-9)  # measured 1.3e-11 (r = 0), 3.1e-10 (r = 0.1)
+    exact_pairs = np.exp(loss_step(P, log_mu, log_ref, 1.0, tau, "sppo"))
+    # measured max |difference|: to the exact-pairs sppo step 1.3e-3 / 5.0e-3, to the closed form 7.6e-4 / 1.9e-3
+    assert 1e-4 < np.abs(np.exp(step) - exact_pairs).max() < 1e-2
+    assert 1e-4 < np.abs(np.exp(step) - closed_form(P, mu, ref, 1.0, tau)).max() < 5e-3
+
+
+@pytest.mark.parametrize("prox", ["ipo", "rebel", "sppo"])
+@pytest.mark.parametrize("rule", FAITHFUL)
+def test_a_step_lowers_the_mass_of_the_empty_response(rule, prox):
+    # options a, b and the empty response "" (build_pairs keeps it and lets it lose to both: P = 0); 40% of mu's
+    # samples are empty. One prox step over every 5-sample multiset lowers its mass, and for ipo and rebel it is the
+    # closed-form step on the game where "" loses to all.
+    P = np.array([[0.5, 0.3, 1.0], [0.7, 0.5, 1.0], [0.0, 0.0, 0.5]])
+    rp = RulePairs(P, rule, 5)
+    rp.labels, rp.index = ["a", "b", EMPTY], {"a": 0, "b": 1, EMPTY: 2}
+    rp.judge = TableJudge(P[:2, :2], ["a", "b"], name="game")  # never asked about ""
+    mu = np.array([0.3, 0.3, 0.4])
+    step, _ = rule_step(rp, np.log(mu), np.log(mu), 1.0, 0.0, prox, mu, sample_sets(3, 5))
+    new = np.exp(step)
+    assert new[2] < 0.3  # from 0.4; measured 0.2876 (ipo, rebel: the closed form), 0.2895 (sppo)
+    if prox != "sppo":
+        np.testing.assert_allclose(new, closed_form(P, mu, mu, 1.0, 0.0), atol=1e-9)
+
+
 class RenormalisedAllSoft(RulePairs):
     """all_soft with each sample set's weights renormalised to sum 1: the old per-prompt normalisation (and the
     expected loss of sampled with weight 1 per draw)."""
@@ -340,7 +399,7 @@ def test_pair_rules_on_the_paper_game(rule, init):
 @pytest.mark.integration
 @pytest.mark.parametrize("init", [None, SKEWED])
 def test_renormalised_weights_stall(init, monkeypatch):
-    monkeypatch.setattr("comal_openrlhf.game.RulePairs", RenormalisedAllSoft)
+    monkeypatch.setattr("comal_openrlhf.core.game.RulePairs", RenormalisedAllSoft)
     P, _ = paper_game()
     res = run(P, "comal", "loss", "ipo", 600, 1.0, 0.1, 50, init, pairs="all_soft", samples=5)
     assert res["duality_gap"] > 5e-3  # measured 8.9e-3 from both starts
@@ -363,6 +422,8 @@ def test_bad_pair_arguments():
         run(P, pairs="top2")
     with pytest.raises(ValueError, match="--samples"):
         run(P, mode="loss", pairs="top2", samples=1)
+    with pytest.raises(ValueError, match="--prox rebel needs --samples >= 3"):
+        run(P, mode="loss", prox="rebel", pairs="all_soft", samples=2)
     with pytest.raises(ValueError, match="--mc-sets"):
         run(P, mode="loss", pairs="top2", mc_sets=1)
 
@@ -434,7 +495,7 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
 
 
 def test_cli_json_subprocess(tmp_path):
-    cmd = [sys.executable, "-m", "comal_openrlhf.game", "--json", "--algo", "comal", "--init", "0.6,0.3,0.1"]
+    cmd = [sys.executable, "-m", "comal_openrlhf.cli.game", "--json", "--algo", "comal", "--init", "0.6,0.3,0.1"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
     res = json.loads(out)
     assert {"policy", "nash", "duality_gap", "kl_to_nash", "iterations", "gaps", "labels"} <= res.keys()
@@ -450,3 +511,20 @@ def test_cli_plot(tmp_path):
     out = tmp_path / "gap.png"
     assert main(["--iters", "300", "--plot", str(out)]) == 0
     assert out.stat().st_size > 1000
+
+
+def test_samples_from_a_tempered_policy_lead_the_tempered_policy_to_the_nash():
+    """Issue 19 item 2: sampled at T = 0.8 but trained at 1, COMAL's trained policy stalls at a gap of about 1e-2 while
+    its tempered version reaches the Nash; sampled from the policy the loss trains (T = 1), the policy itself does."""
+    P, _ = paper_game()
+    matched = run(P, "comal", iters=5000, init=[0.6, 0.3, 0.1])
+    tempered = run(P, "comal", iters=5000, init=[0.6, 0.3, 0.1], sample_temperature=0.8)
+    assert matched["duality_gap"] < 1e-8 and matched["sampled_duality_gap"] == pytest.approx(matched["duality_gap"])
+    assert 1e-2 < tempered["duality_gap"] < 1.5e-2 and tempered["sampled_duality_gap"] < 1e-8
+    # the same in loss mode with the trainer's all_soft pairs over 5-sample sets (exact expectation)
+    kw = dict(mode="loss", pairs="all_soft", samples=5, iters=600, ref_every=50, init=[0.6, 0.3, 0.1])
+    assert run(P, "comal", **kw)["duality_gap"] < 1e-4
+    loss_tempered = run(P, "comal", sample_temperature=0.8, **kw)
+    assert loss_tempered["duality_gap"] > 5e-3 and loss_tempered["sampled_duality_gap"] < 1e-4
+    with pytest.raises(ValueError, match="sample temperature"):
+        run(P, "comal", iters=1, sample_temperature=0.0)

@@ -20,42 +20,39 @@ and they differ only in tau, the reference and the opponent:
              mu_{k+1} ~ m_k exp(eta * P(y > m_k)). Regularised like INPO: constant gap.
 
 ``--mode closed-form`` applies the formula (in log space). ``--mode loss`` solves each step by minimising the
-project's prox loss (comal_openrlhf.losses, ``--prox``) over a softmax policy, beta = 1/eta and r = eta*tau: the
+project's prox loss (comal_openrlhf.core.losses, ``--prox``) over a softmax policy, beta = 1/eta and r = eta*tau: the
 tabular check that a loss implements the step. Its pairs (``--pairs``):
 
     exact       the exact expectation over y, y' ~ opponent x opponent, soft labels P[y][y'], win rates
                 P(y > opponent): the distribution the prox loss is derived for.
     top2 | best_worst | sampled | all_soft
-                the trainer's pair rules (comal_openrlhf.pairs.build_pairs with a TableJudge over P): each step
+                the trainer's pair rules (comal_openrlhf.core.pairs.build_pairs with a TableJudge over P): each step
                 minimises the loss EXPECTED over sample sets of ``--samples`` responses drawn from the opponent,
                 exactly over every multiset with its multinomial probability (3 responses x 5 samples: 21 sets;
                 ``sampled``'s draw and label by their exact law) or, past MAX_EXACT_SETS multisets, by Monte Carlo
                 with the per-step standard error reported. The weights are normalised by the step's total (the
-                iteration's total weight, a constant). sampled and all_soft reproduce the exact step; top2 and
-                best_worst move the fixed point away from the Nash (``RulePairs.flow`` measures the pull).
+                iteration's total weight, a constant). sampled and all_soft reproduce the exact step (ipo, dpo
+                and rebel, whose win rates leave the pair's two samples out; sppo weighs response y by
+                mu(y) (1 - mu(y)), see comal_openrlhf.core.pairs); top2 and best_worst move the fixed point away from
+                the Nash (``RulePairs.flow`` measures the pull).
 
-    python -m comal_openrlhf.game                                   # COMAL on the paper's 3-response game
-    python -m comal_openrlhf.game --algo inpo --init 0.6,0.3,0.1 --json
-    python -m comal_openrlhf.game --mode loss --prox rebel --iters 1000
-    python -m comal_openrlhf.game --pairs top2 --samples 5 --ref-every 50 --iters 600   # loss mode implied
-    python -m comal_openrlhf.game --matrix my_game.json --plot gap.png
+The command line is ``python -m comal_openrlhf.cli.game``.
 """
 
-import argparse
 import itertools
 import math
-import os
-import sys
 import time
 
 import numpy as np
+import torch
 from scipy.optimize import linprog
 from scipy.special import gammaln
 
-from comal_openrlhf._cli import json_stdout
-from comal_openrlhf.judges.table import TableJudge
-from comal_openrlhf.matrix import load_matrix
-from comal_openrlhf.pairs import RULES, build_pairs, sampled_law
+from comal_openrlhf.core.judging import TableJudge
+from comal_openrlhf.core.losses import ProxLoss
+from comal_openrlhf.core.matrix import load_matrix
+from comal_openrlhf.core.pairs import RULES, build_pairs, pair_winrates, sampled_law
+from comal_openrlhf.core.record import PairBatch
 
 ALGOS = ("mwu", "inpo", "comal", "nash-md")
 MODES = ("closed-form", "loss")
@@ -140,11 +137,6 @@ def _solve(log_mu, log_ref, eta, tau, prox, table, set_of_pair=None, set_counts=
     log-probabilities: per-set gradients g_s at the solution, Cov(theta) = H^+ Cov(g_s) H^+ / M, mapped through the
     log-softmax (first order; the normaliser's own noise is left out).
     """
-    import torch
-
-    from comal_openrlhf.losses import ProxLoss
-    from comal_openrlhf.record import PairBatch
-
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)
     i, j = torch.as_tensor(table["i"], dtype=torch.long), torch.as_tensor(table["j"], dtype=torch.long)
     weight = np.asarray(table["weight"], dtype=np.float64)
@@ -219,11 +211,11 @@ def _log_multinomial(counts, log_s):
 
 
 class RulePairs:
-    """The pairs a rule builds from one sample set of the game, by ``comal_openrlhf.pairs.build_pairs`` with a
+    """The pairs a rule builds from one sample set of the game, by ``comal_openrlhf.core.pairs.build_pairs`` with a
     TableJudge over P (one source of truth for the rules), cached per multiset of counts.
 
-    A sample set is N responses; its pairs depend on the order of the samples only through ties in win rate (top2
-    and best_worst keep the first appearance), so a multiset with tied win rates is expanded over every order of
+    A sample set is N responses; its pairs depend on the order of the samples only through ties in score (top2
+    and best_worst keep the first appearance), so a multiset with tied scores is expanded over every order of
     first appearance of its distinct responses, each with its probability under a uniformly random order of the
     samples (the size-biased order: the next new response is u with probability c_u / (remaining samples)).
     ``sampled`` is not drawn: its exact law (``pairs.sampled_law``: every ordered pair with its probability and
@@ -267,23 +259,21 @@ class RulePairs:
         rows = []
         if len(present) >= 2:
             c = np.array([counts[k] for k in present], dtype=np.float64)
+            W = self.P[np.ix_(present, present)]
             sequence = [k for k in present for _ in range(counts[k])]
-            soft = self._build(sequence, "all_soft")  # every distinct response's win rate, as build_pairs has it
-            winrate = {}
-            for i, j, wi, wj, *_ in soft:
-                winrate[i], winrate[j] = wi, wj
             if self.rule == "all_soft":
-                rows = soft
+                rows = self._build(sequence)
             elif self.rule == "sampled":
-                law, weight = sampled_law(c, self.P[np.ix_(present, present)])
+                law, weight = sampled_law(c, W)
+                winrate = pair_winrates(c, W)  # per pair, leave-two-out, as build_pairs has it
                 rows = [
-                    (present[a], present[b], winrate[present[a]], winrate[present[b]], math.nan, weight * law[a, b])
+                    (present[a], present[b], winrate[a, b], winrate[b, a], math.nan, weight * law[a, b])
                     for a in range(len(present))
                     for b in range(len(present))
                     if law[a, b] > 0
                 ]
-            elif len({round(w, 12) for w in winrate.values()}) == len(winrate):
-                rows = self._build(sequence)  # no tie in win rate: the order of the samples does not matter
+            elif len({round(x, 12) for x in W @ c}) == len(c):
+                rows = self._build(sequence)  # no tie in score: the order of the samples does not matter
             else:
                 for order in itertools.permutations(range(len(present))):
                     prob, left = 1.0, c.sum()
@@ -355,12 +345,18 @@ def run(
     samples=5,
     mc_sets=None,
     seed=0,
+    sample_temperature=1.0,
 ):
     """Run one algorithm from ``init`` (default uniform); returns the JSON-ready result dict.
 
+    ``sample_temperature`` T: the opponent (the policy the samples and win rates come from) is the trained policy
+    tempered, mu^(1/T) normalised, while the prox centre and the trained policy stay mu: what a trainer does when it
+    samples at temperature T but takes every log-prob at 1. The fixed point is then a policy whose tempered version
+    is a Nash (``sampled_duality_gap`` -> 0), not the trained policy itself (``duality_gap`` stalls).
+
     ``gaps`` holds [iteration, duality gap] every ``record_every`` steps (default ~200 points), plus the last one.
     ``pairs`` (loss mode): ``exact`` is the exact expectation over y, y' ~ mu_k x mu_k; a rule of
-    comal_openrlhf.pairs makes each step minimise the loss expected over sample sets of ``samples`` samples from
+    comal_openrlhf.core.pairs makes each step minimise the loss expected over sample sets of ``samples`` samples from
     the sampling policy, exactly over all multisets when there are at most MAX_EXACT_SETS of them (or ``mc_sets``
     is 0), else by Monte Carlo over ``mc_sets`` (default MC_SETS) sets per step drawn with ``seed``; the result then
     states ``mc_stderr``, the largest per-step standard error of log mu_{k+1} (delta method).
@@ -375,6 +371,8 @@ def run(
         tau = 0.0  # self-play: no regularisation
     if eta <= 0 or tau < 0 or not eta * tau < 1:
         raise ValueError(f"need eta > 0, tau >= 0 and eta*tau < 1, got eta={eta}, tau={tau}")
+    if not (math.isfinite(sample_temperature) and sample_temperature > 0):
+        raise ValueError(f"need a sample temperature > 0, got {sample_temperature}")
     if iters < 0 or ref_every < 1:
         raise ValueError(f"need iters >= 0 and ref_every >= 1, got {iters}, {ref_every}")
     if pairs not in PAIR_RULES:
@@ -384,6 +382,8 @@ def run(
     rp = exact_sets = rng = None
     if pairs != "exact":
         rp = RulePairs(P, pairs, samples)
+        if prox in ("sppo", "rebel") and samples < 3:  # a pair's win rates need a sample outside the pair
+            raise ValueError(f"--prox {prox} needs --samples >= 3 (leave-two-out win rates), got {samples}")
         n_sets = math.comb(samples + n - 1, n - 1)
         if mc_sets is None:
             mc_sets = 0 if n_sets <= MAX_EXACT_SETS else MC_SETS
@@ -407,6 +407,8 @@ def run(
     for k in range(1, iters + 1):
         log_c = (1 - r) * log_mu + r * log_ref  # prox centre (unnormalised)
         opp = _normalise_log(log_c)[1] if algo == "nash-md" else mu
+        if sample_temperature != 1.0:  # sampled at T, trained at 1 (docstring)
+            opp = _normalise_log(np.log(opp) / sample_temperature)[1]
         if mode == "closed-form":
             log_mu, mu = _normalise_log(log_c + eta * (P @ opp))
         elif rp is None:
@@ -437,116 +439,9 @@ def run(
         "policy": mu.tolist(),
         "nash": nash.tolist(),
         "duality_gap": duality_gap(P, mu),
+        "sample_temperature": sample_temperature,
+        "sampled_duality_gap": duality_gap(P, _normalise_log(np.log(mu) / sample_temperature)[1]),
         "kl_to_nash": kl(nash, mu),
         "gaps": gaps,
         "seconds": seconds,
     }
-
-
-def _plot(result, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    it, gap = np.array(result["gaps"]).T
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.semilogy(it, np.maximum(gap, 1e-16))
-    ax.set(xlabel="iteration", ylabel="duality gap", title=f"{result['algo']} ({result['mode']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m comal_openrlhf.game", description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--algo",
-        choices=ALGOS,
-        default="comal",
-        help="update rule; mwu = self-play MWU on the win rate (iterative IPO/SPPO, not iterative DPO), ignores --tau",
-    )
-    ap.add_argument("--matrix", default="paper", help='"paper" or a JSON file {"P": [[...]], "labels": [...]}')
-    ap.add_argument(
-        "--mode", choices=MODES, default=None, help="apply the formula or minimise --prox (default: loss with --pairs)"
-    )
-    ap.add_argument("--prox", choices=("ipo", "dpo", "sppo", "rebel"), default="ipo", help="loss for --mode loss")
-    ap.add_argument(
-        "--pairs",
-        choices=PAIR_RULES,
-        default="exact",
-        help="pairs of each step: exact expectation over y, y' ~ mu_k x mu_k, or a pair rule of the trainer, its loss "
-        "expected over sample sets of --samples samples",
-    )
-    ap.add_argument("--samples", type=int, default=5, help="samples per prompt for --pairs RULE (official: 5)")
-    ap.add_argument(
-        "--mc-sets",
-        type=int,
-        default=None,
-        help=f"sample sets per step by Monte Carlo (0 = exact; default exact up to {MAX_EXACT_SETS} multisets, "
-        f"else {MC_SETS})",
-    )
-    ap.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo sample sets")
-    ap.add_argument("--iters", type=int, default=5000, help="inner steps")
-    ap.add_argument("--eta", type=float, default=1.0, help="step size (beta = 1/eta)")
-    ap.add_argument("--tau", type=float, default=0.1, help="KL strength towards the reference (r = eta*tau)")
-    ap.add_argument("--ref-every", type=int, default=200, help="COMAL: advance the reference every K steps")
-    ap.add_argument("--init", default=None, help="start policy p1,p2,... (default uniform; normalised)")
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--plot", default=None, metavar="FILE.png", help="save the duality gap vs iteration")
-    args = ap.parse_args(argv)
-    with json_stdout(args.json) as emit:  # --json: stdout holds the JSON object only, any other print goes to stderr
-        return _main(args, emit)
-
-
-def _main(args, emit):
-    try:
-        P, labels = load_matrix(args.matrix)
-        try:
-            init = None if args.init is None else [float(x) for x in args.init.split(",")]
-        except ValueError:
-            raise ValueError(f"--init must be comma-separated numbers, got {args.init!r}") from None
-        mode = args.mode or ("closed-form" if args.pairs == "exact" else "loss")
-        result = run(
-            P,
-            args.algo,
-            mode,
-            args.prox,
-            args.iters,
-            args.eta,
-            args.tau,
-            args.ref_every,
-            init,
-            pairs=args.pairs,
-            samples=args.samples,
-            mc_sets=args.mc_sets,
-            seed=args.seed,
-        )
-        if args.plot:
-            os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
-            _plot(result, args.plot)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    result["labels"] = labels
-    if args.json:
-        emit(result)
-        return 0
-    fmt = lambda p: ", ".join(f"{lab}={x:.6f}" for lab, x in zip(labels, p))
-    it = result["iterations"]
-    how = f"{mode}, {args.prox}" if mode == "loss" else mode
-    if result["sample_sets"]:
-        how += f", pairs {args.pairs} over {args.samples}-sample sets ({result['sample_sets']})"
-    print(f"{args.algo} ({how}), {it} steps, eta={args.eta}")
-    print(f"  policy       {fmt(result['policy'])}")
-    print(f"  Nash (LP)    {fmt(result['nash'])}")
-    print(f"  duality gap  {result['duality_gap']:.3e}   KL(nash||policy) {result['kl_to_nash']:.3e}")
-    if result["mc_stderr"] is not None:
-        print(f"  Monte Carlo  largest per-step standard error of log mu_k+1: {result['mc_stderr']:.1e}")
-    print(f"  time         {result['seconds']:.3f} s ({result['seconds'] / max(it, 1) * 1e6:.1f} us/step)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

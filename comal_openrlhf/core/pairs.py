@@ -1,18 +1,36 @@
 """Judged samples -> preference pairs (arXiv 2410.23223: the pairs of one iteration). Plain NumPy; the judge is any
 object with ``prob(prompts, a, b)`` (see ``comal_openrlhf.judges``).
 
-Per prompt, the n sampled responses are cleaned first: invalid ones (not a string, empty or whitespace-only) are
-excluded and counted, identical strings are merged into one distinct response with a count, and a prompt with fewer
-than two distinct valid responses is dropped. The distinct responses u_1..u_m (counts c_i, N = sum c_i samples) are
-judged pairwise, all prompts in one batched call, giving W[i][j] = P(u_i beats u_j) with W + W^T = 1. The win rate
-of u_i against the current policy mu_k is the mean P against the OTHER N - 1 samples, duplicates counted as in mu_k
-(a copy of itself ties at 1/2):
+Per prompt, the n sampled responses are cleaned first (``canonical``): a non-string is invalid, excluded and
+counted; an empty or whitespace-only string is the empty response "" (the policy stopped at once). The empty
+response is a response of mu_k like any other: it counts in N and in the weights, and it loses to every non-empty
+response (P = 0, and 1/2 against itself; the judge is not asked about it), so the loss pushes its mass down instead
+of training on mu_k conditioned on a non-empty output. Identical strings are merged into one distinct response with
+a count (every empty one is the one response ""), and a prompt with fewer than two distinct responses is dropped.
+The distinct responses u_1..u_m (counts c_i, N = sum c_i samples) are judged pairwise, all prompts in one batched
+call, giving W[i][j] = P(u_i beats u_j) with W + W^T = 1. The score of u_i, which ranks the responses for ``top2``
+and ``best_worst``, is its mean P against the OTHER N - 1 samples, duplicates counted as in mu_k (a copy of itself
+ties at 1/2):
 
-    winrate_i = (sum_j c_j W[i][j] - 1/2) / (N - 1).
+    score_i = (sum_m c_m W[i][m] - 1/2) / (N - 1).
+
+Win-rate targets (the P(y > mu_k) that the sppo and rebel losses regress on) are per pair and leave both of the
+pair's samples out: for the pair at sample positions a, b holding u_i and u_j, the win rate of u_i is its mean P
+against the other N - 2 samples,
+
+    winrate_i|j = (sum_m c_m W[i][m] - 1/2 - W[i][j]) / (N - 2),
+
+and likewise winrate_j|i. The N - 2 other samples are i.i.d. from mu_k and independent of y_a, y_b, so
+E[winrate_i|j | y_a = u_i, y_b = u_j] = P(u_i beats mu_k) exactly. The score as a target would count the partner:
+E[p_w - p_l | y_w, y_l] = ((N - 2)(P_w - P_l) + (2 W_wl - 1)) / (N - 1), and as the partner ranges over mu_k the
+second term averages to 2 P_w - 1, so the rebel regression's minimiser moves log pi / C by eta N / (N - 1) times the
+win rate (1.25 eta at N = 5) instead of eta. With N = 2 there is no other sample: the win rates are NaN (unknown),
+the sppo and rebel losses refuse such pairs (and the trainer's preflight refuses fewer than 3 samples with them),
+while ipo and dpo read the soft label only.
 
 Rules (one list of pairs per call):
 
-- ``top2``        chosen = best win rate, rejected = second best (the official COMAL code); one pair per prompt,
+- ``top2``        chosen = best score, rejected = second best (the official COMAL code); one pair per prompt,
                   weight 1. Not a sample of y, y' ~ mu_k: it gives up the convergence guarantee (see below).
 - ``best_worst``  chosen = best, rejected = worst; one pair per prompt, weight 1. Same caveat.
 - ``sampled``     an ordered pair of distinct responses drawn with probability proportional to c_i c_j, chosen =
@@ -25,10 +43,12 @@ Why these weights (the prox loss of arXiv 2410.23223, INPO's loss of arXiv 2407.
 the prox loss of an iteration is an expectation over a prompt x and a pair y, y' ~ mu_k x mu_k labelled by P,
 L = E_x E_{y, y'} l(y, y'). With N i.i.d. samples y_1..y_N of a prompt, the U-statistic over ordered pairs of
 distinct sample positions, (1 / (N (N - 1))) sum_{a != b} l(y_a, y_b), is an unbiased estimate of the inner
-expectation. Grouping positions by string, the ordered pairs (u_i, u_j), i != j, occur c_i c_j times, and the
+expectation (with the leave-two-out targets above: each term's targets are unbiased given its own two samples).
+Grouping positions by string, the ordered pairs (u_i, u_j), i != j, occur c_i c_j times, and the
 pairs of positions holding the same string (c_i (c_i - 1) of them) carry no gradient for the pair losses (h = 0:
 the ipo, dpo and rebel losses of a tie are constants; sppo is the exception, a sum of per-response regressions whose
-ties do pull, so for sppo these weights under-count frequent responses). The pair losses are symmetric
+ties do pull: its expected loss weighs the regression of y by mu_k(y) (1 - mu_k(y)) instead of mu_k(y), the same
+minimiser only when log pi / C can meet every target, i.e. a zero log-partition). The pair losses are symmetric
 under swapping chosen and rejected together with the label (l(u_i, u_j) with label W[i][j] equals l(u_j, u_i) with
 label W[j][i]), so the two orders merge into the unordered pair of ``all_soft`` with weight 2 c_i c_j / (N (N - 1)):
 the pairs of a prompt sum to the U-statistic exactly, up to a constant. ``sampled`` replaces that sum by draws: a
@@ -39,10 +59,10 @@ is not a constant: a prompt whose samples are mostly copies (a policy close to d
 less, and dropping it (weight 1 per draw) biases the estimate just as renormalising each prompt's weights to sum 1
 does (in the game lab either moves the fixed point away from the Nash). There is no per-prompt normalisation;
 the trainer divides by the iteration's total weight (mean 1 over every pair of the iteration), a constant of the
-iteration, so only the relative weights across prompts above matter. A prompt with fewer than two distinct valid
+iteration, so only the relative weights across prompts above matter. A prompt with fewer than two distinct
 responses contributes only ties: dropping it changes nothing but that constant.
 
-Ties in win rate keep the order of first appearance, so ``top2`` and ``best_worst`` are deterministic.
+Ties in score keep the order of first appearance, so ``top2`` and ``best_worst`` are deterministic.
 """
 
 import math
@@ -50,9 +70,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from comal_openrlhf.judges.base import is_antisymmetric, judge_pairs
+from comal_openrlhf.core.judging import is_antisymmetric, judge_pairs
 
 RULES = ("top2", "best_worst", "sampled", "all_soft")
+EMPTY = ""  # the one empty response: every empty or whitespace-only sample (the policy stopped at once)
 
 
 @dataclass(frozen=True)
@@ -63,8 +84,9 @@ class Pair:
     ``prompt`` is the text the policy is conditioned on where the pair lives: the raw prompt in a pairs file and in
     the judge's hands, the templated prompt once ``data.RowFormatter`` has formatted it for training.
     ``soft_label`` is P(chosen beats rejected) for a soft pair and NaN for a hard pair (then the label is "chosen
-    wins", with ``--model.label_smoothing`` for the dpo loss). The win rates are P(y beats mu_k) of each side (NaN
-    when unknown; the sppo and rebel losses need them). ``weight`` is the pair's share of the prox loss's expectation
+    wins", with ``--model.label_smoothing`` for the dpo loss). The win rates estimate P(y beats mu_k) of each side
+    (``build_pairs``: from the prompt's samples other than the pair's two; NaN when unknown, e.g. with 2 samples;
+    the sppo and rebel losses need them). ``weight`` is the pair's share of the prox loss's expectation
     over y, y' ~ mu_k, only relative across the iteration (``build_pairs``: c_i c_j / (N (N - 1)) per order; 1 for
     the rules that do not sample that distribution and for a file without weights). ``origin`` says where it came
     from (file:line, iteration) for error messages.
@@ -94,10 +116,11 @@ class Pair:
 @dataclass
 class PairStats:
     prompts: int = 0  # prompts given
-    prompts_dropped: int = 0  # fewer than 2 distinct valid responses
+    prompts_dropped: int = 0  # fewer than 2 distinct responses
     responses: int = 0  # responses given, invalid ones included
-    invalid_responses: int = 0
-    duplicates_merged: int = 0  # valid responses identical to an earlier one of the same prompt
+    invalid_responses: int = 0  # not a string: excluded
+    empty_responses: int = 0  # empty or whitespace-only strings: kept, all merged into the one response ""
+    duplicates_merged: int = 0  # non-empty responses identical to an earlier one of the same prompt
     pairs: int = 0
     judge_calls: int = 0  # ordered comparisons asked of the judge (2 per pair with both orders, unless antisymmetric)
 
@@ -106,32 +129,57 @@ class PairStats:
 
 
 def is_valid(response):
+    """A non-empty string (the evaluation's rule; ``build_pairs`` keeps empty strings as EMPTY, see ``canonical``)."""
     return isinstance(response, str) and response.strip() != ""
 
 
+def canonical(response):
+    """A sample as ``build_pairs`` counts it: None for an invalid one (not a string), EMPTY for an empty or
+    whitespace-only string (the policy stopped at once), else the string itself."""
+    if not isinstance(response, str):
+        return None
+    return response if response.strip() else EMPTY
+
+
 def win_matrix(judge, prompt, responses, both_orders=True, batch_size=512):
-    """n x n matrix W[i][j] = P(responses[i] beats responses[j]), diagonal 1/2, W + W^T = 1."""
+    """n x n matrix W[i][j] = P(responses[i] beats responses[j]), diagonal 1/2, W + W^T = 1. An empty or
+    whitespace-only response loses to every non-empty one and ties another empty one; the judge is not asked."""
     return _win_matrices(judge, [(prompt, list(responses))], both_orders, batch_size)[0]
 
 
 def _win_matrices(judge, groups, both_orders, batch_size):
-    """One W per (prompt, responses) group, every upper-triangle comparison in one batched judge call."""
+    """One W per (prompt, responses) group, every upper-triangle comparison of two non-empty responses in one
+    batched judge call; a comparison with an empty response is decided here (it loses, or ties another empty)."""
     prompts, a, b, where = [], [], [], []
     for g, (prompt, responses) in enumerate(groups):
+        full = np.array([canonical(r) != EMPTY for r in responses], dtype=bool)
         iu, ju = np.triu_indices(len(responses), k=1)
-        prompts += [prompt] * len(iu)
-        a += [responses[i] for i in iu]
-        b += [responses[j] for j in ju]
-        where.append((iu, ju))
+        ask = full[iu] & full[ju]
+        prompts += [prompt] * int(ask.sum())
+        a += [responses[i] for i in iu[ask]]
+        b += [responses[j] for j in ju[ask]]
+        where.append((iu, ju, ask, full))
     p = judge_pairs(judge, prompts, a, b, both_orders=both_orders, batch_size=batch_size)
     out, s = [], 0
-    for (iu, ju), (_, responses) in zip(where, groups):
+    for (iu, ju, ask, full), (_, responses) in zip(where, groups):
         W = np.full((len(responses), len(responses)), 0.5)
-        W[iu, ju] = p[s : s + len(iu)]
+        W[iu[ask], ju[ask]] = p[s : s + int(ask.sum())]
+        W[iu[~ask], ju[~ask]] = np.where(full[iu[~ask]] == full[ju[~ask]], 0.5, full[iu[~ask]].astype(float))
         W[ju, iu] = 1.0 - W[iu, ju]
         out.append(W)
-        s += len(iu)
+        s += int(ask.sum())
     return out
+
+
+def pair_winrates(counts, W):
+    """T[i][j] = the win-rate target of u_i in a pair with u_j: its mean P against the N - 2 samples other than the
+    pair's two (leave-two-out, module docstring), unbiased for P(u_i beats mu_k); all NaN when N = 2."""
+    c = np.asarray(counts, dtype=np.float64)
+    W = np.asarray(W, dtype=np.float64)
+    n = c.sum()
+    if n < 3:
+        return np.full(W.shape, math.nan)
+    return ((W @ c - 0.5)[:, None] - W) / (n - 2)
 
 
 def sampled_law(counts, W):
@@ -139,7 +187,7 @@ def sampled_law(counts, W):
     (law, weight), law[i][j] = P(a draw gives chosen u_i, rejected u_j) = 2 c_i c_j W[i][j] / (N^2 - sum c^2) for
     i != j (the unordered pair with probability 2 c_i c_j / (N^2 - sum c^2), then the judge's label), zero on the
     diagonal; weight = (N^2 - sum c^2) / (N (N - 1)), the weight of one draw per prompt (module docstring).
-    ``build_pairs`` draws from it; the game lab (comal_openrlhf.game) takes its exact expectation."""
+    ``build_pairs`` draws from it; the game lab (comal_openrlhf.core.game) takes its exact expectation."""
     c = np.asarray(counts, dtype=np.float64)
     n = c.sum()
     distinct = n * n - np.sum(c * c)  # sum over i != j of c_i c_j
@@ -167,12 +215,14 @@ def build_pairs(
     kept = []  # (prompt, distinct responses, counts, judge prompt)
     for g, (prompt, responses) in enumerate(groups):
         stats.responses += len(responses)
-        valid = [r for r in responses if is_valid(r)]
+        valid = [r for r in map(canonical, responses) if r is not None]
         stats.invalid_responses += len(responses) - len(valid)
         counts = {}
         for r in valid:
             counts[r] = counts.get(r, 0) + 1  # dicts keep first-appearance order
-        stats.duplicates_merged += len(valid) - len(counts)
+        empty = counts.get(EMPTY, 0)
+        stats.empty_responses += empty
+        stats.duplicates_merged += len(valid) - len(counts) - max(empty - 1, 0)  # empties are counted above
         if len(counts) < 2:
             stats.prompts_dropped += 1
             continue
@@ -181,12 +231,14 @@ def build_pairs(
 
     matrices = _win_matrices(judge, [(jp, u) for _, u, _, jp in kept], both_orders, batch_size)
     orders = 2 if both_orders and not is_antisymmetric(judge) else 1  # judge_pairs asks one order then
-    stats.judge_calls = sum(len(u) * (len(u) - 1) // 2 for _, u, _, _ in kept) * orders
+    asked = [len(u) - (EMPTY in u) for _, u, _, _ in kept]  # the empty response is not judged
+    stats.judge_calls = sum(m * (m - 1) // 2 for m in asked) * orders
 
     pairs = []
     for (prompt, u, c, _), W in zip(kept, matrices):
-        winrate = (W @ c - 0.5) / (c.sum() - 1)
-        order = np.argsort(-winrate, kind="stable")
+        score = (W @ c - 0.5) / (c.sum() - 1)
+        winrate = pair_winrates(c, W)  # winrate[i, j]: u_i's target in its pair with u_j
+        order = np.argsort(-score, kind="stable")
         if rule == "top2":
             picks = [(order[0], order[1], math.nan, 1.0)]
         elif rule == "best_worst":
@@ -205,8 +257,8 @@ def build_pairs(
                 prompt,
                 u[i],
                 u[j],
-                chosen_winrate=float(winrate[i]),
-                rejected_winrate=float(winrate[j]),
+                chosen_winrate=float(winrate[i, j]),
+                rejected_winrate=float(winrate[j, i]),
                 soft_label=float(lab),
                 weight=float(w),
                 origin=origin,
