@@ -1,9 +1,10 @@
 """The gpm judge (General Preference representation Model, arXiv 2410.02197) on tiny checkpoints built locally in
 the authors' layout: the formula against a hand-written reference, exact antisymmetry, n forwards for all n(n-1)
 ordered pairs, the mixture, the flags, the server, bad checkpoints, and a cyclic GPM whose induced game COMAL
-solves while iterative IPO cycles."""
+solves while iterative IPO cycles; both block-weight formulas (--judge.gpm_weights) against a numpy reference."""
 
 import argparse
+import math
 import os
 
 import numpy as np
@@ -11,14 +12,8 @@ import pytest
 import torch
 
 from comal_openrlhf.judges import JudgeError, MixtureJudge, add_judge_args, build_judge, judge_pairs
-from comal_openrlhf.judges.gpm import (
-    GPMJudge,
-    build_cyclic_gpm,
-    build_tiny_gpm,
-    induced_matrix,
-    read_heads,
-    save_gpm_heads,
-)
+from comal_openrlhf.judges.gpm import WEIGHTS, GPMJudge, read_heads
+from comal_openrlhf.judges.tiny_gpm import build_cyclic_gpm, build_tiny_gpm, induced_matrix, save_gpm_heads
 
 PROMPT = "question pick one ?"
 OPTIONS = ["a", "b", "c"]
@@ -41,9 +36,24 @@ def cyclic_dir(tmp_path_factory):
     return build_cyclic_gpm(str(tmp_path_factory.mktemp("gpm_cyclic")), PROMPT, OPTIONS)
 
 
-def reference_probs(path, prompts, a, b, tau):
+def reference_block_weights(z, hidden, weights):
+    """One prompt's block weights from its logits z = prompt_head(h) in numpy, written out: "softmax" is
+    exp(z_i) / sum_j exp(z_j), "scaled" is k exp(z_i / sqrt(hidden)) / sum_j exp(z_j / sqrt(hidden)) (no shift by
+    the max: the tiny heads' logits are far from exp's range)."""
+    z = np.asarray(z, dtype=np.float64)
+    assert z.ndim == 1 and np.all(np.abs(z) < 300)
+    if weights == "softmax":
+        e = np.exp(z)
+        return e / np.sum(e)
+    assert weights == "scaled"
+    e = np.exp(z / math.sqrt(hidden))
+    return len(z) * e / np.sum(e)
+
+
+def reference_probs(path, prompts, a, b, tau, weights="softmax"):
     """The formula written out on one unpadded float64 sequence at a time, with the authors' dense matrices:
-    s = v_a^T R^T v_b, R = blockdiag([[0, -w_i], [w_i, 0]]), w = softmax(prompt_head(h_prompt)) (1 without it)."""
+    s = v_a^T R^T v_b, R = blockdiag([[0, -w_i], [w_i, 0]]), w = reference_block_weights(prompt_head(h_prompt))
+    (1 without a prompt head)."""
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
@@ -70,7 +80,10 @@ def reference_probs(path, prompts, a, b, tau):
         vx, vy = wv @ hx, wv @ hy
         vx, vy = vx / vx.norm(), vy / vy.norm()
         k = wv.shape[0] // 2
-        w = torch.softmax(wp @ hp, -1) if wp is not None else torch.ones(k, dtype=torch.float64)
+        if wp is not None:
+            w = torch.from_numpy(reference_block_weights((wp @ hp).numpy(), hp.shape[0], weights))
+        else:
+            w = torch.ones(k, dtype=torch.float64)
         R = torch.zeros(2 * k, 2 * k, dtype=torch.float64)
         for i in range(k):
             R[2 * i, 2 * i + 1], R[2 * i + 1, 2 * i] = -w[i], w[i]
@@ -102,6 +115,110 @@ def test_probabilities_equal_reference_formula(gpm_dir, gpm_no_prompt_head):
     )
 
 
+# ---- the block weights' two formulas (--judge.gpm_weights) ----
+
+
+def test_both_block_weight_formulas_equal_numpy_reference(gpm_dir):
+    """Each formula against the numpy reference on the same hidden states and the heads read back from the weights
+    file, then the whole probability against the one-sequence-at-a-time reference."""
+    from safetensors.torch import load_file
+
+    assert WEIGHTS.keys() == {"softmax", "scaled"}
+    head = load_file(os.path.join(gpm_dir, "model.safetensors"))["prompt_head.weight"].double().numpy()  # [3, 32]
+    k, hidden = head.shape
+    h_prompt = None
+    for weights in WEIGHTS:
+        judge = GPMJudge(gpm_dir, device="cpu", dtype=torch.float64, batch_size=3, gpm_weights=weights)
+        assert judge.gpm_weights == weights
+        if h_prompt is None:
+            _, h_prompt = judge.hidden_states(PROMPTS, A)
+        w = judge.block_weights(h_prompt)
+        want = np.stack([reference_block_weights(head @ h, hidden, weights) for h in h_prompt])
+        np.testing.assert_allclose(w, want, rtol=1e-13, atol=0)
+        np.testing.assert_allclose(w.sum(-1), 1.0 if weights == "softmax" else k, rtol=1e-13)
+        p = judge.prob(PROMPTS, A, B)
+        np.testing.assert_allclose(p, reference_probs(gpm_dir, PROMPTS, A, B, 0.1, weights), rtol=0, atol=TOL64)
+        assert np.ptp(p) > 0.05 and p[-1] == 0.5
+    # the default is the released checkpoints' formula
+    assert GPMJudge(gpm_dir, device="cpu").gpm_weights == "softmax"
+
+
+def test_scaled_and_softmax_weights_differ_beyond_a_temperature(gpm_dir, gpm_no_prompt_head, cyclic_dir, tmp_path):
+    """With k >= 2 and unequal logits the two formulas give other probabilities, even with the scaled judge's
+    temperature k times larger (which undoes its factor k): the weights' proportions differ. With equal logits,
+    k = 1, or no prompt head, that temperature makes them agree."""
+    tau = 0.1
+
+    def pair(path, k):
+        soft = GPMJudge(path, temperature=tau, device="cpu", dtype=torch.float64, gpm_weights="softmax")
+        scaled = GPMJudge(path, temperature=k * tau, device="cpu", dtype=torch.float64, gpm_weights="scaled")
+        return soft, scaled
+
+    # a designed k = 2 GPM: the value head's second block is zero, so s = w_1 c_1 with c_1 the first block's cross
+    # term: at temperatures tau and 2 tau, logit(P) = w_1 c_1 / tau against (w_1' / 2) c_1 / tau, where
+    # w_1 = sigmoid(d) and w_1' / 2 = sigmoid(d / sqrt(hidden)), d = z_1 - z_2: equal only if d = 0 or c_1 = 0
+    path = build_tiny_gpm(str(tmp_path / "k2"), value_head_dim=4, seed=3)
+    value, prompt_head = read_heads(path)
+    value[2:] = 0.0
+    save_gpm_heads(path, value, prompt_head)
+    soft, scaled = pair(path, 2)
+    a, b = ["yes good", "one two three four five", "good"], ["no bad", "yes", "the answer is bad"]
+    prompts = [PROMPT, PROMPT, "is the answer good or bad ?"]
+    _, h_prompt = soft.hidden_states(prompts, a)
+    z = h_prompt @ soft.prompt_head.T
+    d = z[:, 0] - z[:, 1]
+    assert np.all(np.abs(d) > 0.5)  # unequal logits
+    p_soft, p_scaled = soft.prob(prompts, a, b), scaled.prob(prompts, a, b)
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert np.all(np.abs(logit(p_soft)) > 0.05)  # c_1 != 0: the pairs are not ties (the least is 0.11)
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    ratio = sig(d) / sig(d / math.sqrt(soft.prompt_head.shape[1]))
+    assert np.all(np.abs(ratio - 1) > 0.05)
+    np.testing.assert_allclose(logit(p_soft) / logit(p_scaled), ratio, rtol=1e-9)
+    assert np.max(np.abs(p_soft - p_scaled)) > 0.01
+    # equal logits (identical prompt-head rows): the proportions agree and only the factor k is left
+    save_gpm_heads(path, value, np.stack([prompt_head[0], prompt_head[0]]))
+    soft, scaled = pair(path, 2)
+    np.testing.assert_allclose(scaled.prob(prompts, a, b), soft.prob(prompts, a, b), rtol=0, atol=1e-12)
+
+    # the random k = 3 heads: other probabilities too, at k tau and at the default temperature alike (the tiny
+    # model's responses lie close together, so P stays near 1/2: compare the logits, the last pair is a tie)
+    soft, scaled = pair(gpm_dir, 3)
+    plain = GPMJudge(gpm_dir, device="cpu", dtype=torch.float64, gpm_weights="scaled")
+    x = logit(soft.prob(PROMPTS, A, B)[:-1])
+    for other in (scaled, plain):
+        assert np.max(np.abs(logit(other.prob(PROMPTS, A, B)[:-1]) - x)) > 0.1 * np.max(np.abs(x))
+    # k = 1 (the cyclic GPM) or no prompt head: the weights are 1 either way
+    for path, k in ((cyclic_dir, 1), (gpm_no_prompt_head, 2)):
+        soft, scaled = pair(path, 1)
+        np.testing.assert_allclose(scaled.prob(PROMPTS, A, B), soft.prob(PROMPTS, A, B), rtol=0, atol=1e-15)
+        np.testing.assert_array_equal(scaled.block_weights(np.ones((2, 32))), np.ones((2, k)))
+
+
+def test_gpm_weights_flag_and_a_bad_value(gpm_dir, capsys):
+    from openrlhf.utils.config import hierarchize
+
+    parser = add_judge_args(argparse.ArgumentParser())
+    flag = next(x for x in parser._actions if x.dest == "judge.gpm_weights")
+    assert tuple(flag.choices) == tuple(WEIGHTS) and flag.default == "softmax"
+    assert "GPM-Llama-3.1-8B" in flag.help and "sqrt(hidden_size)" in flag.help
+    base = ["--judge.kind", "gpm", "--judge.path", gpm_dir, "--judge.device", "cpu"]
+    assert build_judge(hierarchize(parser.parse_args(base)).judge).gpm_weights == "softmax"
+    args = hierarchize(parser.parse_args(base + ["--judge.gpm_weights", "scaled"]))
+    assert build_judge(args.judge).gpm_weights == "scaled"
+    mix = build_judge({"kind": "mixture", "mixture": f"gpm:{gpm_dir}:1", "gpm_weights": "scaled", "device": "cpu"})
+    assert mix.judges[0].gpm_weights == "scaled"  # sub-judges inherit it
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--judge.gpm_weights", "sqrt"])
+    assert "invalid choice: 'sqrt'" in capsys.readouterr().err
+    # one clear error, before the checkpoint is read
+    for path in (gpm_dir, "/no/such/checkpoint"):
+        with pytest.raises(JudgeError, match=r"--judge.gpm_weights must be one of 'softmax', 'scaled' .*got 'sqrt'"):
+            build_judge({"kind": "gpm", "path": path, "gpm_weights": "sqrt"})
+    with pytest.raises(JudgeError, match="got None"):
+        GPMJudge(gpm_dir, gpm_weights=None)
+
+
 def test_heads_read_from_weights_shapes(gpm_dir, gpm_no_prompt_head):
     value, prompt = read_heads(gpm_dir)
     assert value.shape == (6, 32) and prompt.shape == (3, 32)
@@ -120,7 +237,7 @@ def test_antisymmetric_in_float32(gpm_dir):
 
 
 def test_all_ordered_pairs_cost_one_forward_per_response(gpm_dir):
-    from comal_openrlhf.pairs import win_matrix
+    from comal_openrlhf.core.pairs import win_matrix
 
     judge = GPMJudge(gpm_dir, device="cpu", batch_size=4)
     responses = ["yes", "no", "yes good", "no bad", "one two", "the answer is good"]
@@ -164,7 +281,7 @@ def test_gpm_in_mixture_and_flags(gpm_dir, tmp_path):
 def test_gpm_served_over_http(gpm_dir):
     import threading
 
-    from comal_openrlhf.judges.serve import make_server
+    from comal_openrlhf.cli.serve_judge import make_server
 
     judge = GPMJudge(gpm_dir, device="cpu", dtype=torch.float64)  # requests of 2 pad differently: float64
     server = make_server(judge, port=0)
@@ -205,7 +322,7 @@ def test_bad_checkpoints_name_the_problem(tmp_path):
 
 
 def test_cyclic_gpm_induces_the_cycle(cyclic_dir):
-    from comal_openrlhf.game import solve_nash
+    from comal_openrlhf.core.game import solve_nash
 
     tau = 0.5
     P = induced_matrix(cyclic_dir, PROMPT, OPTIONS, temperature=tau)
@@ -228,7 +345,7 @@ def test_cyclic_gpm_induces_the_cycle(cyclic_dir):
 
 
 def test_cyclic_gpm_other_angles(tmp_path):
-    from comal_openrlhf.game import solve_nash
+    from comal_openrlhf.core.game import solve_nash
 
     path = build_cyclic_gpm(str(tmp_path / "g"), PROMPT, ["yes", "no", "good", "bad"], angles=(0, 80, 170, 260))
     P = induced_matrix(path, PROMPT, ["yes", "no", "good", "bad"], temperature=1.0)
@@ -239,8 +356,8 @@ def test_cyclic_gpm_other_angles(tmp_path):
 def _tabular_run(judge, algo, iters=24, eta=4.0, r=0.6, K=4, init=(0.6, 0.3, 0.1)):
     """A softmax policy over the options trained by the project's ipo prox loss (exact expectation over pairs),
     the soft labels asked from ``judge`` every iteration through the COMAL loop's win matrix."""
-    from comal_openrlhf.game import loss_step
-    from comal_openrlhf.pairs import win_matrix
+    from comal_openrlhf.core.game import loss_step
+    from comal_openrlhf.core.pairs import win_matrix
 
     r = r if algo == "comal" else 0.0
     log_mu = np.log(np.asarray(init))
@@ -256,7 +373,7 @@ def _tabular_run(judge, algo, iters=24, eta=4.0, r=0.6, K=4, init=(0.6, 0.3, 0.1
 
 
 def test_comal_reaches_the_induced_nash_iterative_ipo_cycles(cyclic_dir):
-    from comal_openrlhf.game import duality_gap
+    from comal_openrlhf.core.game import duality_gap
 
     judge = build_judge({"kind": "gpm", "path": cyclic_dir, "temperature": 0.5, "device": "cpu"})
     P = induced_matrix(cyclic_dir, PROMPT, OPTIONS, temperature=0.5)
@@ -282,9 +399,9 @@ def test_train_comal_with_the_cyclic_gpm_reaches_its_nash(tmp_path):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from comal_openrlhf.demo import PROMPT as DEMO_PROMPT
-    from comal_openrlhf.demo import sft_warm_start
-    from comal_openrlhf.evaluate import game_report
+    from comal_openrlhf.cli.demo import PROMPT as DEMO_PROMPT
+    from comal_openrlhf.cli.demo import sft_warm_start
+    from comal_openrlhf.eval.exact import game_report
     from comal_openrlhf.tiny import DEFAULT_WORDS, build_tiny_llama
 
     tau = 0.5
@@ -316,6 +433,8 @@ def test_train_comal_with_the_cyclic_gpm_reaches_its_nash(tmp_path):
         cmd += ["--train.batch_size", "16", "--train.max_epochs", "30", "--adam.lr", "1e-2"]
         cmd += ["--lr_scheduler", "constant", "--lr_warmup_ratio", "0", "--max_norm", "10", "--ds.zero_stage", "0"]
         cmd += ["--ds.param_dtype", "fp32", "--train.seed", "0", "--comal.mass_coef", "1.0"]
+        # the demo's own optimiser, as comal_openrlhf.cli.demo passes it (the presets' official recipe is for LLM runs)
+        cmd += ["--comal.batch_unit", "pairs", "--adam.betas", "0.9", "0.95", "--adam.weight_decay", "0"]
         cmd += ["--ckpt.output_dir", str(work / "final"), "--ckpt.path", str(work / "ckpt")]
         cmd += ["--comal.algo", algo, "--comal.iterations", "24"] + extra
         # the demo's optimizer setting: at lr 1e-2 a fresh Adam state per iteration can throw the tiny policy's mass

@@ -27,8 +27,20 @@ In a training script: ``add_judge_args(parser)``, ``args = hierarchize(parser.pa
 import json
 import os
 
-from .base import Judge, JudgeError, MixtureJudge, check_probs, is_antisymmetric, judge_pairs
-from .remote import MAX_BACKOFF
+from comal_openrlhf.core.judging import (
+    Judge,
+    JudgeError,
+    MixtureJudge,
+    TableJudge,
+    check_probs,
+    is_antisymmetric,
+    judge_pairs,
+)
+from comal_openrlhf.judges.gpm import GPMJudge
+from comal_openrlhf.judges.pairwise_lm import PairwiseLMJudge
+from comal_openrlhf.judges.python_file import PythonJudge
+from comal_openrlhf.judges.remote import MAX_BACKOFF, RemoteJudge
+from comal_openrlhf.judges.reward_model import RewardModelJudge
 
 KINDS = ("reward_model", "pairwise_lm", "gpm", "mixture", "remote", "python", "table")
 
@@ -49,6 +61,7 @@ DEFAULTS = {
     "table": None,
     "single_order": False,
     "device": "auto",
+    "gpm_weights": "softmax",  # gpm: the block weights' formula (gpm.WEIGHTS)
 }
 KIND_DEFAULTS = {"gpm": {"temperature": 0.1}}  # the GPM authors' tau
 TEMPERATURE = 1.0  # every other kind
@@ -139,6 +152,17 @@ def add_judge_args(parser):
     g.add_argument(
         "--judge.device", type=str, default=d["device"], help="Device for model judges: auto, cpu, cuda:0..."
     )
+    g.add_argument(
+        "--judge.gpm_weights",
+        type=str,
+        choices=("softmax", "scaled"),
+        default=d["gpm_weights"],
+        help="gpm: the prompt's block weights, as the checkpoint was trained: 'softmax' = softmax(prompt_head(h)), "
+        "the GPM authors' usage example, for their released checkpoints (general-preference/GPM-Llama-3.1-8B, "
+        "GPM-Gemma-2B, ...); 'scaled' = k * softmax(prompt_head(h) / sqrt(hidden_size)), for GPMs trained with "
+        "the authors' training code since November 2024. Without a prompt head both are all ones "
+        f"(default: {d['gpm_weights']})",
+    )
     return parser
 
 
@@ -189,18 +213,12 @@ def build_judge(cfg):
     model_bs = c["batch_size"] or MODEL_BATCH_SIZE
     temperature = c["temperature"] if c["temperature"] is not None else kind_default(kind, "temperature")
     if kind == "table":
-        from .table import TableJudge
-
         if not c["table"]:
             raise JudgeError("table judge needs --judge.table (a JSON file or 'paper')")
         return TableJudge.load(c["table"])
     if kind == "python":
-        from .python_file import PythonJudge
-
         return PythonJudge(c["path"], allow_python_code=c["allow_python_code"])
     if kind == "remote":
-        from .remote import RemoteJudge
-
         return RemoteJudge(
             c["url"],
             token=c["token"],
@@ -210,12 +228,8 @@ def build_judge(cfg):
             temperature=temperature,
         )
     if kind == "reward_model":
-        from .reward_model import RewardModelJudge
-
         return RewardModelJudge(c["path"], temperature=temperature, device=c["device"], batch_size=model_bs)
     if kind == "pairwise_lm":
-        from .pairwise_lm import PairwiseLMJudge
-
         labels = c["labels"].split(",") if isinstance(c["labels"], str) else c["labels"]
         return PairwiseLMJudge(
             c["path"],
@@ -226,11 +240,11 @@ def build_judge(cfg):
             batch_size=model_bs,
         )
     if kind == "gpm":
-        from .gpm import GPMJudge
-
         if not c["path"]:
             raise JudgeError("gpm judge needs --judge.path (a GPM checkpoint directory)")
-        return GPMJudge(c["path"], temperature=temperature, device=c["device"], batch_size=model_bs)
+        return GPMJudge(
+            c["path"], temperature=temperature, device=c["device"], batch_size=model_bs, gpm_weights=c["gpm_weights"]
+        )
     if kind == "mixture":
         # sub-judges inherit the top-level settings except what names a judge
         inherited = {k: v for k, v in c.items() if k not in ("kind", "path", "url", "table", "mixture", "weight")}

@@ -13,11 +13,22 @@ tokenizer's defaults, left padded, truncated on the right to ``max_len``, and th
 position ids count real tokens only. With h the last layer's hidden states:
 
     v_y  = value_head(h[last token]) / ||value_head(h[last token])||_2             (a unit vector in R^{2k})
-    w_x  = softmax(prompt_head(h[last token of the prompt]))                       (k block weights; all 1 without
-                                                                                    a prompt head)
+    z_x  = prompt_head(h[last token of the prompt])                                 (k logits)
+    w_x  = softmax(z_x)                                   --judge.gpm_weights softmax (the default)
+    w_x  = k * softmax(z_x / sqrt(hidden_size))           --judge.gpm_weights scaled
+                                                          (k block weights; either way all 1 without a prompt head)
     R_x  = blockdiag([[0, -w_1], [w_1, 0]], ..., [[0, -w_k], [w_k, 0]])            (skew-symmetric)
     s(y, y' | x) = v_y^T R_x^T v_y' = sum_i w_i (v_y[2i] v_y'[2i+1] - v_y[2i+1] v_y'[2i])
     P(y beats y' | x) = sigmoid(s(y, y' | x) / tau)                                 (tau = --judge.temperature)
+
+The block weights must follow the formula the checkpoint was trained with; the authors' repository holds both.
+"softmax" is their published usage example (October 2024), which goes with their released checkpoints
+(general-preference/GPM-Llama-3.1-8B, GPM-Gemma-2B, ...). "scaled" is their training model since its November 2024
+change (general_preference/models/rw_model_general_preference.py; its ``hidden_dim`` is read here as the base model's
+``hidden_size``, the width of the hidden states the prompt head reads): GPMs trained with their current code. The two
+differ by more than a scale: for k >= 2 and unequal logits, w_scaled / k != w_softmax (the scaled softmax is flatter
+by sqrt(hidden_size)), so no one temperature maps one onto the other and the probabilities change, not only their
+sharpness. With equal logits (or k = 1) w_scaled = k * w_softmax, which a temperature k times larger undoes.
 
 The orientation is the authors' (their score is ``chosen @ R^T @ rejected``, positive when the first response is
 preferred). "The last token of the prompt" is the prompt's own chat-template rendering [user: prompt] measured in
@@ -26,9 +37,9 @@ prompt's R_x is taken once per call (from the first of its responses) and every 
 
 Since R_x is skew-symmetric, s(y, y') = -s(y', y) term by term: P(a beats b) + P(b beats a) = 1 and
 P(a beats a) = 1/2 up to one rounding (``antisymmetric = True``: ``judge_pairs`` asks one order only). With k = 1 and
-three responses at 0, 120 and 240 degrees the preference is a cycle (``build_cyclic_gpm``), which no reward model
-can represent. Each distinct (prompt, response) is embedded by one forward; all n(n-1) ordered pairs of n responses
-then cost n forwards and n(n-1) k-term sums (``forwards`` counts the sequences embedded).
+three responses at 0, 120 and 240 degrees the preference is a cycle (``judges.tiny_gpm.build_cyclic_gpm``), which
+no reward model can represent. Each distinct (prompt, response) is embedded by one forward; all n(n-1) ordered
+pairs of n responses then cost n forwards and n(n-1) k-term sums (``forwards`` counts the sequences embedded).
 """
 
 import glob
@@ -37,12 +48,18 @@ import os
 
 import numpy as np
 
-from .base import Judge, JudgeError
-from .remote import sigmoid
-from .reward_model import resolve_device
+from comal_openrlhf.core.judging import Judge, JudgeError
+from comal_openrlhf.judges.remote import sigmoid
+from comal_openrlhf.judges.reward_model import resolve_device
 
 DEFAULT_TEMPERATURE = 0.1  # the authors' tau
 DEFAULT_MAX_LEN = 4096  # the authors' max_length
+# --judge.gpm_weights: the prompt's block weights w from the logits z = prompt_head(h), k = len(z), H = hidden size
+WEIGHTS = {
+    "softmax": "softmax(z): the authors' usage example, for their released checkpoints (the default)",
+    "scaled": "k * softmax(z / sqrt(H)): the authors' training code since November 2024",
+}
+DEFAULT_WEIGHTS = "softmax"
 
 
 def read_heads(path):
@@ -100,7 +117,8 @@ def skew_scores(va, vb, w):
 
 
 class GPMJudge(Judge):
-    """P(a beats b | x) = sigmoid(v_a^T R_x^T v_b / tau) of a GPM checkpoint (formula in the module docstring)."""
+    """P(a beats b | x) = sigmoid(v_a^T R_x^T v_b / tau) of a GPM checkpoint (formula in the module docstring;
+    ``gpm_weights``: the block weights' formula, a key of ``WEIGHTS``)."""
 
     antisymmetric = True
 
@@ -112,7 +130,14 @@ class GPMJudge(Judge):
         batch_size=8,
         max_len=DEFAULT_MAX_LEN,
         dtype=None,
+        gpm_weights=DEFAULT_WEIGHTS,
     ):
+        if not isinstance(gpm_weights, str) or gpm_weights not in WEIGHTS:
+            raise JudgeError(
+                f"gpm judge {path}: --judge.gpm_weights must be one of {', '.join(map(repr, WEIGHTS))} (the block "
+                f"weights' formula the checkpoint was trained with), got {gpm_weights!r}"
+            )
+        self.gpm_weights = gpm_weights
         if temperature is None or not temperature > 0 or not np.isfinite(temperature):
             raise JudgeError(f"gpm judge {path}: temperature (tau) must be a finite number > 0, got {temperature}")
         self.value_head, self.prompt_head = read_heads(path)
@@ -209,13 +234,19 @@ class GPMJudge(Judge):
         return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
     def block_weights(self, h_prompt):
-        """w [m, k] = softmax(prompt_head(h)); all ones without a prompt head (the fixed rotation)."""
+        """w [m, k] from the prompts' hidden states: softmax(prompt_head(h)), or k * softmax(prompt_head(h) /
+        sqrt(hidden)) with ``gpm_weights="scaled"``; all ones without a prompt head (the fixed rotation)."""
         h_prompt = np.asarray(h_prompt, dtype=np.float64)
+        k = self.dim // 2
         if self.prompt_head is None:
-            return np.ones((h_prompt.shape[0], self.dim // 2))
+            return np.ones((h_prompt.shape[0], k))
         z = h_prompt @ self.prompt_head.T
+        scale = 1.0
+        if self.gpm_weights == "scaled":
+            z = z / np.sqrt(self.prompt_head.shape[1])
+            scale = float(k)
         z = np.exp(z - z.max(-1, keepdims=True))
-        return z / z.sum(-1, keepdims=True)
+        return scale * z / z.sum(-1, keepdims=True)
 
     def preference_matrix(self, prompt, responses):
         """n x n matrix P[i][j] = P(responses[i] beats responses[j] | prompt), one forward per response."""
@@ -242,75 +273,3 @@ class GPMJudge(Judge):
 
 
 # ---- a cyclic GPM, built locally (tests, the demo) ----
-
-
-def save_gpm_heads(path, value_head, prompt_head=None):
-    """Write ``value_head`` (and ``prompt_head``) into the safetensors weights of the model saved at ``path``,
-    next to the base model's tensors: the authors' layout. The heads take the weights' dtype."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    file = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(file):
-        raise JudgeError(f"save_gpm_heads: {file} not found (a single-file safetensors checkpoint is expected)")
-    sd = load_file(file)
-    dtype = next(iter(sd.values())).dtype
-    sd["value_head.weight"] = torch.as_tensor(np.asarray(value_head), dtype=dtype).contiguous()
-    sd.pop("prompt_head.weight", None)
-    if prompt_head is not None:
-        sd["prompt_head.weight"] = torch.as_tensor(np.asarray(prompt_head), dtype=dtype).contiguous()
-    save_file(sd, file, metadata={"format": "pt"})
-    return path
-
-
-def build_tiny_gpm(path, value_head_dim=4, prompt_head=True, seed=0, words=None, **model_kwargs):
-    """A tiny Llama (``comal_openrlhf.tiny``) saved with random GPM heads in the authors' layout; returns ``path``."""
-    from comal_openrlhf.tiny import DEFAULT_WORDS, build_tiny_llama
-
-    build_tiny_llama(path, words=DEFAULT_WORDS if words is None else words, seed=seed, **model_kwargs)
-    with open(os.path.join(path, "config.json")) as f:
-        hidden = json.load(f)["hidden_size"]
-    rng = np.random.default_rng(seed)
-    value = rng.normal(0.0, 1.0, size=(value_head_dim, hidden))
-    prompt = rng.normal(0.0, 1.0, size=(value_head_dim // 2, hidden)) if prompt_head else None
-    return save_gpm_heads(path, value, prompt)
-
-
-def build_cyclic_gpm(path, prompt, options, angles=(0.0, 120.0, 240.0), seed=0, words=None):
-    """A tiny GPM (k = 1) whose value head puts ``options[i]`` (as the response to ``prompt``) at ``angles[i]``
-    degrees in the plane. P(o_i beats o_j) = sigmoid(sin(angle_j - angle_i) / tau): at 0, 120, 240 degrees
-    options[0] beats options[1] beats options[2] beats options[0], each with sigmoid(sin(120 deg) / tau).
-
-    The value head is the least-norm linear map taking the options' last-token hidden states (computed in float64
-    by the checkpoint itself) to the unit vectors at those angles; it is saved in the checkpoint's dtype, so the
-    embeddings the saved checkpoint produces differ from the targets by that rounding: use ``induced_matrix`` for
-    the exact P. Returns ``path``.
-    """
-    import torch
-
-    from comal_openrlhf.tiny import DEFAULT_WORDS
-
-    options = list(options)
-    if len(angles) != len(options) or len(set(options)) != len(options):
-        raise ValueError(f"need one angle per distinct option, got {len(angles)} angles for options {options}")
-    extra = [w for o in options for w in o.split() if w not in DEFAULT_WORDS]
-    words = list(DEFAULT_WORDS) + sorted(set(extra)) if words is None else words
-    build_tiny_gpm(path, value_head_dim=2, prompt_head=True, seed=seed, words=words)
-    judge = GPMJudge(path, device="cpu", dtype=torch.float64)
-    h_last, _ = judge.hidden_states([prompt] * len(options), options)
-    theta = np.deg2rad(np.asarray(angles, dtype=np.float64))
-    target = np.stack([np.cos(theta), np.sin(theta)], axis=1)  # [n, 2]
-    value = (np.linalg.pinv(h_last) @ target).T  # [2, hidden]: h_last @ value.T = target (rank n <= hidden)
-    if not np.allclose(h_last @ value.T, target, atol=1e-8):
-        raise JudgeError(f"build_cyclic_gpm: the options' hidden states are not linearly independent: {options}")
-    return save_gpm_heads(path, value, judge.prompt_head)
-
-
-def induced_matrix(path, prompt, options, temperature=DEFAULT_TEMPERATURE, device="cpu", dtype=None):
-    """The exact preference matrix P[i][j] = P(options[i] beats options[j] | prompt) the GPM at ``path`` induces,
-    computed from its embeddings (float64 forward by default, float64 formula): the game whose Nash policy COMAL
-    should reach when this GPM is the judge and the policy only emits ``options``."""
-    import torch
-
-    judge = GPMJudge(path, temperature=temperature, device=device, dtype=torch.float64 if dtype is None else dtype)
-    return judge.preference_matrix(prompt, list(options))
