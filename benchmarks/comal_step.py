@@ -5,14 +5,17 @@
 Both steps run in one process on the same model, batch and DeepSpeed strategy (OpenRLHF's, through train_comal's
 argument parser): the DPO step is upstream's per-step work (``concatenated_forward`` of the policy with grad, of the
 reference without, ``DPOLoss``, backward, optimizer step); the COMAL step is ``COMALTrainer._train_step`` (policy
-forward/backward and the prox loss on cached mu/ref log-probs). The precompute pass that fills the cache (policy +
-reference forward over every pair, once per iteration) is timed too. The COMAL step runs with each log-prob path
+forward/backward and the prox loss on cached mu/ref log-probs). The COMAL step runs with each log-prob path
 (``--comal.logps_kernel``): openrlhf (fp32 copy of the logits), torch (chunked kernel on the bf16 logits) and
-linear (backbone to the hidden states, then the chunked LM-head kernel: no B x L x V logits). Prints a markdown
-table: medians (p20/p80) over ``--repeats`` steps after warm-up, tokens/s, the peak memory of one step (whole, and
-up to its optimizer step) and the COMAL/DPO ratio (target <= 0.75). Peak memory is the growth of live tensor memory
-during one step over what was held before it: on CUDA ``torch.cuda.max_memory_allocated``, on CPU the running sum
-of torch.profiler's memory events (each tensor allocation and free).
+linear (backbone to the hidden states, then the chunked LM-head kernel: no B x L x V logits). The precompute pass
+that fills the cache (policy + reference forward over every pair, no gradient, once per iteration:
+``COMALTrainer._cached``; its cold first call, which also tokenises the pairs, is printed apart) is timed per pair
+against a training step per pair with the same log-prob path, shapes and run (medians; target: precompute per pair
+<= 0.8x a training step per pair). Prints a markdown table: medians (p20/p80) over ``--repeats`` steps after
+warm-up, tokens/s, the peak memory of one step (whole, and up to its optimizer step) and the COMAL/DPO ratio
+(target <= 0.75). Peak memory is the growth of live tensor memory during one step over what was held before it: on
+CUDA ``torch.cuda.max_memory_allocated``, on CPU the running sum of torch.profiler's memory events (each tensor
+allocation and free).
 """
 
 import argparse
@@ -34,6 +37,9 @@ def main():
     p.add_argument("--seq", type=int, default=128, help="response words per sequence")
     p.add_argument("--micro-batch", dest="micro_batch", type=int, default=4, help="pairs per step")
     p.add_argument("--pairs", type=int, default=64, help="pairs in the iteration (precompute pass)")
+    p.add_argument("--precompute-batch", dest="precompute_batch", type=int, default=None,
+                   help="--comal.precompute_batch_size: pairs per micro-batch of the precompute pass (default: "
+                   "--micro-batch)")  # fmt: skip
     p.add_argument("--zero-stage", dest="zero_stage", type=int, default=2)
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="--ds.param_dtype. auto: bf16 on CUDA or a CPU with native bf16, else fp32 (emulated bf16 is "
@@ -69,6 +75,7 @@ def main():
         + ["--ckpt.path", os.path.join(tmp, "ckpt"), "--ckpt.output_dir", os.path.join(tmp, "out")]
         + ["--model.ipo_enable", "--comal.algo", "iter-ipo"]
         + ([] if a.dtype == "auto" else ["--ds.param_dtype", a.dtype])
+        + ([] if a.precompute_batch is None else ["--comal.precompute_batch_size", str(a.precompute_batch)])
     )
     from openrlhf.models import Actor, DPOLoss
     from openrlhf.utils import get_strategy, get_tokenizer
@@ -116,13 +123,19 @@ def main():
     def comal_step():
         trainer._train_step(batch, record)
 
-    def timed(fn):
-        for _ in range(a.warmup):
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def timed(fn, repeats=a.repeats, warmup=a.warmup):
+        for _ in range(warmup):
             fn()
         out = []
-        for _ in range(a.repeats):
+        for _ in range(repeats):
+            sync()
             t = time.perf_counter()
             fn()
+            sync()
             out.append(time.perf_counter() - t)
         return out
 
@@ -137,6 +150,23 @@ def main():
         return step
 
     comal_kernel_step, comal_linear_step = with_kernel("torch"), with_kernel("linear")
+
+    def precompute_pass(kernel):
+        """The precompute pass over the iteration's pairs (warm: the dataset is tokenised once, by the cold call)."""
+
+        def run():
+            trainer.settings.logps_kernel = kernel
+            try:
+                trainer._cached(record, dataset, "bench precompute")
+            finally:
+                trainer.settings.logps_kernel = "openrlhf"
+
+        return run
+
+    # (precompute pass, training step) pairs compared per pair: OpenRLHF's path (two forwards, two calls) and the
+    # chunked torch kernel (two forwards, one sequence_logratio call reading both logits)
+    passes = {"pre": ("comal", precompute_pass("openrlhf")), "pre_kernel": ("comal_kernel", precompute_pass("torch"))}
+    pass_repeats = max(3, a.repeats // 4)  # a pass is pairs / precompute batch micro-batches
 
     # ZeRO 1/2 allocate their gradient-reduction bucket (reduce_bucket_size elements of the gradient dtype) in every
     # step of every row alike; on CPU it would be most of each row's peak, so it is left out there and printed apart.
@@ -195,9 +225,12 @@ def main():
     peak = {name: peak_mb(fn) for name, fn in steps.items()}
     # interleave so that drift of the machine hits all alike
     res = {name: [] for name in steps}
+    res.update({name: [] for name in passes})
     for _ in range(2):
         for name, fn in steps.items():
             res[name] += timed(fn)
+        for name, (_, fn) in passes.items():
+            res[name] += timed(fn, pass_repeats, warmup=1)
 
     def q(xs, f):
         return statistics.quantiles(xs, n=10)[int(f * 10) - 1] if len(xs) > 1 else xs[0]
@@ -229,8 +262,28 @@ def main():
         verdict = "reached" if ratio <= 0.75 else "NOT reached"
         print(f"{name}/DPO step time ratio: {ratio:.3f} (target <= 0.75: {verdict})")
     per_pair = precompute_s / a.pairs
-    print(f"precompute pass: {precompute_s:.2f} s for {a.pairs} pairs ({1e3 * per_pair:.1f} ms per pair, policy + "
-          f"reference forward), paid once per iteration")  # fmt: skip
+    print(f"precompute pass, first (cold) call: {precompute_s:.2f} s for {a.pairs} pairs ({1e3 * per_pair:.1f} ms "
+          f"per pair; includes tokenising the pairs and saving the record), paid once per iteration")  # fmt: skip
+    pb = trainer._precompute_batch_size()
+    print(f"\nprecompute pass (warm, {a.pairs} pairs in micro-batches of {pb}; medians of {2 * pass_repeats} passes) "
+          f"against a training step ({mb} pairs), per pair:\n")  # fmt: skip
+    print("| per pair | precompute median ms | p20 ms | p80 ms | training step median ms | ratio |\n"
+          "|---|---|---|---|---|---|")  # fmt: skip
+    labels = {
+        "pre": "OpenRLHF log-prob path (two calls)",
+        "pre_kernel": "chunked torch kernel (one sequence_logratio)",
+    }
+    ratios = {}
+    for name, (step, _) in passes.items():
+        xs = [x / a.pairs for x in res[name]]
+        train_pp = med[step] / mb
+        ratios[name] = statistics.median(xs) / train_pp
+        print(f"| {labels[name]} | {1e3 * statistics.median(xs):.2f} | {1e3 * q(xs, 0.2):.2f} | "
+              f"{1e3 * q(xs, 0.8):.2f} | {1e3 * train_pp:.2f} | {ratios[name]:.3f} |")  # fmt: skip
+    for name, ratio in ratios.items():
+        verdict = "met" if ratio <= 0.8 else "NOT met"
+        print(f"precompute per pair / training step per pair ({labels[name]}): {ratio:.3f} (target: precompute per "
+              f"pair <= 0.8x a training step per pair: {verdict})")  # fmt: skip
     return 0
 
 

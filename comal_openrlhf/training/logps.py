@@ -12,6 +12,10 @@ prox objectives of arXiv 2410.23223), prompt and padding masked out exactly as O
   (the largest tensor of a step at a 128k vocabulary) never exist. Tied embeddings need nothing special (the head's
   weight is the embedding's parameter and receives both gradients); a ZeRO-3 partitioned head is gathered and
   released by DeepSpeed's hooks on the head module, through which the computation is called.
+
+The no-grad precompute pass (policy mu_k and anchor log-probs of every pair, once per iteration) goes through
+``pair_logps_both``: with ``torch`` / ``triton`` / ``auto`` both models run on the same batch and one call of
+``comal_openrlhf.kernels.sequence_logratio`` reads both logits (one kernel launch on CUDA instead of two).
 """
 
 import contextlib
@@ -38,15 +42,28 @@ def sequence_logps(actor, input_ids, attention_mask, prompt_lens, kernel="openrl
         logp = actor(input_ids, attention_mask=attention_mask, return_logprobs=True)
         total = (logp * mask).sum(-1)
         return total, total / mask.sum(-1).clamp(min=1)
+    # imported here, not at the top: importing the kernels sets TRITON_INTERPRET when there is no GPU (see
+    # kernels/__init__.py), which must not happen merely because this module was imported
     from comal_openrlhf.kernels import sequence_logps as fused
 
-    position_ids = attention_mask.long().cumsum(-1) - 1
-    position_ids.masked_fill_(attention_mask == 0, 1)
     temperature = getattr(actor, "temperature", 1.0)
     if kernel == "linear":
+        position_ids = _position_ids(attention_mask)
         return _linear_logps(actor.model, input_ids, attention_mask, position_ids, mask, temperature)
-    logits = actor.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)["logits"]
+    logits = _logits(actor, input_ids, attention_mask)
     return fused(logits[:, :-1], input_ids[:, 1:], mask, temperature=temperature, backend=kernel)
+
+
+def _position_ids(attention_mask):
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    position_ids.masked_fill_(attention_mask == 0, 1)
+    return position_ids
+
+
+def _logits(actor, input_ids, attention_mask):
+    """The model's own B x L x V logits (its dtype, no fp32 copy), positions as OpenRLHF's Actor computes them."""
+    position_ids = _position_ids(attention_mask)
+    return actor.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)["logits"]
 
 
 def lm_head_parts(model):
@@ -119,10 +136,56 @@ def pair_logps(actor, batch, pad_token_id, kernel="openrlhf"):
 
     Returns (chosen_sum, rejected_sum, chosen_mean); the mean feeds OpenRLHF's optional NLL term.
     """
+    ids, att, prompt_lens, n = _pair_inputs(batch, pad_token_id, next(actor.parameters()).device)
+    total, mean = sequence_logps(actor, ids, att, prompt_lens, kernel)
+    return total[:n], total[n:], mean[:n]
+
+
+def _pair_inputs(batch, pad_token_id, device):
+    """(ids, attention mask, prompt lengths, n): the chosen rows then the rejected rows of a PairDataset batch."""
     chosen_ids, c_mask, reject_ids, r_mask, prompt_lens = batch[:5]
-    device = next(actor.parameters()).device
     ids = pad_cat(chosen_ids.squeeze(1), reject_ids.squeeze(1), pad_token_id).to(device)
     att = pad_cat(c_mask.squeeze(1), r_mask.squeeze(1), 0).to(device)
-    total, mean = sequence_logps(actor, ids, att, list(prompt_lens) * 2, kernel)
-    n = chosen_ids.shape[0]
-    return total[:n], total[n:], mean[:n]
+    return ids, att, list(prompt_lens) * 2, chosen_ids.shape[0]
+
+
+PAIRED_KERNELS = ("auto", "triton", "torch")  # the kernels whose precompute reads both logits in one call
+
+
+@torch.no_grad()
+def pair_logps_both(policy, anchor, batch, pad_token_id, kernel="auto"):
+    """Chosen and rejected sequence log-probs of a PairDataset batch under the policy and the anchor, no gradient:
+    (mu_chosen, mu_rejected, ref_chosen, ref_rejected), fp32, on the models' device.
+
+    With ``kernel`` in PAIRED_KERNELS both models run their forward on the same concatenated batch and one call of
+    ``comal_openrlhf.kernels.sequence_logratio`` reads the two logits tensors (the Triton kernel streams both rows
+    through one V loop: one launch instead of two); both B x L x V logits are alive at once, which a no-grad pass
+    affords. ``openrlhf`` and ``linear`` (which never materialises the logits), and models that differ in device,
+    temperature or vocabulary, take two ``pair_logps`` calls.
+    """
+    device = next(policy.parameters()).device
+    temperature = getattr(policy, "temperature", 1.0)
+    paired = (
+        kernel in PAIRED_KERNELS
+        and next(anchor.parameters()).device == device
+        and getattr(anchor, "temperature", 1.0) == temperature
+    )
+    if not paired:
+        mu_w, mu_l, _ = pair_logps(policy, batch, pad_token_id, kernel)
+        ref_w, ref_l, _ = pair_logps(anchor, batch, pad_token_id, kernel)
+        return mu_w, mu_l, ref_w, ref_l
+    # imported here for the reason given in sequence_logps
+    from comal_openrlhf.kernels import sequence_logps as fused
+    from comal_openrlhf.kernels import sequence_logratio
+
+    ids, att, prompt_lens, n = _pair_inputs(batch, pad_token_id, device)
+    mask = response_mask(att, prompt_lens)
+    labels = ids[:, 1:]
+    pol = _logits(policy, ids, att)[:, :-1]
+    ref = _logits(anchor, ids, att)[:, :-1]
+    if pol.shape == ref.shape:
+        mu, ref_sum, _ = sequence_logratio(pol, ref, labels, mask, temperature=temperature, backend=kernel)
+    else:  # vocabularies of different sizes (e.g. a padded embedding): one call per model
+        mu, _ = fused(pol, labels, mask, temperature=temperature, backend=kernel)
+        ref_sum, _ = fused(ref, labels, mask, temperature=temperature, backend=kernel)
+    return mu[:n], mu[n:], ref_sum[:n], ref_sum[n:]
