@@ -91,9 +91,12 @@ PREDICT_FIELDS = ["pred_device", "pred_GB", "pred_TFLOP", "pred_ms", "measured_m
 
 def parse_shape(spec, device):
     dims, _, dtype = spec.partition(":")
-    dims = tuple(int(x) for x in dims.split("x"))
-    if len(dims) not in (2, 3):
-        raise ValueError(f"shape {spec!r}: expected NxV or NxVxd")
+    try:
+        dims = tuple(int(x) for x in dims.split("x"))
+    except ValueError:
+        dims = ()
+    if len(dims) not in (2, 3) or min(dims) < 1 or dtype not in ("", "fp32", "bf16"):
+        raise ValueError(f"shape {spec!r}: expected NxV[:dtype] or NxVxd[:dtype], positive integers, fp32 or bf16")
     return dims, dtype or ("bf16" if device == "cuda" else "fp32")
 
 
@@ -546,6 +549,11 @@ def main(argv=None):
     if args.quick:
         modes = ["full"] if args.mode == "all" else modes
     shapes = args.shapes or (QUICK_SHAPES if args.quick else GPU_SHAPES if device == "cuda" else CPU_SHAPES)
+    for spec in shapes:  # every shape checked before the first row runs: one error line, never a traceback
+        try:
+            parse_shape(spec, device)
+        except ValueError as e:
+            ap.error(f"--shapes: {e}")
     repeats = args.repeats or (1 if args.quick else 5)
     threads = args.threads or (1 if device == "cpu" else None)
     out_dir = os.path.abspath(args.out)

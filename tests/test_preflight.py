@@ -7,8 +7,8 @@ import os
 import pytest
 from _util import write_jsonl
 
-from comal_openrlhf.cli.train_comal import parse_args, preflight
-from comal_openrlhf.errors import COMALError
+from comal_openrlhf.cli.train_comal import joined_negative_numbers, parse_args, preflight
+from comal_openrlhf.errors import COMALError, PlanError
 
 
 @pytest.fixture
@@ -97,3 +97,11 @@ def test_read_only_output_folder(base, tmp_path):
         check(argv, r"--ckpt.output_dir .*ro/final is not writable")
     finally:
         subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+def test_a_negative_number_after_a_space_reaches_the_check(base):
+    """``--adam.lr -1e-5`` (a space, scientific notation): argparse alone reads '-1e-5' as an option and says
+    "expected one argument"; the launch must reach the check that names the flag and its rule."""
+    assert joined_negative_numbers(["--adam.lr", "-1e-5", "--x", "y"]) == ["--adam.lr=-1e-5", "--x", "y"]
+    with pytest.raises(PlanError, match=r"--adam.lr must be a finite number >= 0, got -1e-05"):
+        preflight(parse_args(base + ["--adam.lr", "-1e-5"]))

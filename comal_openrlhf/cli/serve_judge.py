@@ -1,8 +1,8 @@
 """Host any judge over HTTP (the pairwise protocol of ``judges/remote.py``), e.g. a judge model on its own GPU.
 
-    python -m comal_openrlhf.judges.serve --judge.kind reward_model --judge.path /models/rm --port 5000
-    python -m comal_openrlhf.judges.serve --judge.kind gpm --judge.path /models/gpm --port 5000
-    python -m comal_openrlhf.judges.serve --judge.kind table --judge.table paper --port 0 --token SECRET
+    python -m comal_openrlhf.cli.serve_judge --judge.kind reward_model --judge.path /models/rm --port 5000
+    python -m comal_openrlhf.cli.serve_judge --judge.kind gpm --judge.path /models/gpm --port 5000
+    python -m comal_openrlhf.cli.serve_judge --judge.kind table --judge.table paper --port 0 --token SECRET
 
 Endpoints:
     POST /prob    {"prompts": [...], "responses_a": [...], "responses_b": [...]} -> {"probs": [...]}
@@ -29,7 +29,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from . import JudgeError, add_judge_args, build_judge
+from comal_openrlhf.judges import JudgeError, add_judge_args, build_judge
 
 MAX_BODY_BYTES = 256 * 1024 * 1024
 BACKLOG = 2048  # pending connections the listening socket holds (uvicorn's default; socketserver's is 5)
@@ -224,23 +224,45 @@ def main(argv=None):
     if backend == "auto":
         backend = "fastapi" if fastapi_available() else "stdlib"
     elif backend == "fastapi" and not fastapi_available():
-        raise SystemExit("error: --backend fastapi needs FastAPI and uvicorn: pip install 'comal-openrlhf[serve]'")
+        _fail("--backend fastapi needs FastAPI and uvicorn: pip install 'comal-openrlhf[serve]'")
     judge_cfg = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("judge.")}
     try:
         judge = build_judge(judge_cfg)
     except JudgeError as e:
-        raise SystemExit(f"error: {e}") from None
+        _fail(str(e))
+    try:
+        served = _start(backend, judge, args)
+    except OSError as e:  # e.g. the port is taken
+        _fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    served()
+
+
+def _fail(message):
+    """One error line and exit status 2, as every command of the project."""
+    print(f"[comal] error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _start(backend, judge, args):
+    """Bind the listening socket now (a bind error surfaces here) and return the function that serves."""
     if backend == "fastapi":
         server, sock = make_uvicorn_server(judge, args.host, args.port, args.token, args.backlog, args.log_level)
-        host, port = sock.getsockname()[:2]
-        print(f"serving judge {judge.name} on http://{host}:{port}/prob", flush=True)  # the URL ends the line
-        print("[serve] backend: FastAPI under uvicorn", file=sys.stderr, flush=True)
-        server.run(sockets=[sock])
-        return
+        return lambda: _serve_uvicorn(server, sock, judge)
     server = make_server(judge, args.host, args.port, args.token, args.backlog)
+    return lambda: _serve_stdlib(server, judge, args.backend)
+
+
+def _serve_uvicorn(server, sock, judge):
+    host, port = sock.getsockname()[:2]
+    print(f"serving judge {judge.name} on http://{host}:{port}/prob", flush=True)  # the URL ends the line
+    print("[serve] backend: FastAPI under uvicorn", file=sys.stderr, flush=True)
+    server.run(sockets=[sock])
+
+
+def _serve_stdlib(server, judge, asked):
     host, port = server.server_address[:2]
     print(f"serving judge {judge.name} on http://{host}:{port}/prob", flush=True)
-    why = "FastAPI/uvicorn not installed" if args.backend == "auto" else "--backend stdlib"
+    why = "FastAPI/uvicorn not installed" if asked == "auto" else "--backend stdlib"
     print(f"[serve] backend: the stdlib http.server fallback ({why})", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
