@@ -26,7 +26,7 @@ at all when ``torch.cuda.is_available()``:
    openrlhf/utils/deepspeed/deepspeed_utils.py), and when the flag was not given on such a CPU
    (``cpu_has_native_bf16()`` False) the run uses fp32, saying so in one line.
 
-The plugin's entry points (``openrlhf.cli.train_comal``, ``python -m comal_openrlhf.run``) call ``apply()``;
+The plugin's entry points (``openrlhf.cli.train_comal``, ``python -m comal_openrlhf.cli.run``) call ``apply()``;
 users never do.
 """
 
@@ -119,7 +119,7 @@ def allow_fp32(parser):
 
 def _dtype_given(ds):
     """Whether --ds.param_dtype was on the command line: recorded by ``allow_fp32``'s action, else (an upstream
-    parser run through comal_openrlhf.run) read from sys.argv, abbreviations included."""
+    parser run through comal_openrlhf.cli.run) read from sys.argv, abbreviations included."""
     given = getattr(ds, "param_dtype_given", None)
     if given is not None:
         return bool(given)

@@ -7,17 +7,20 @@ through here.
   a JSON-lines file never ends in half a record.
 - ``publish_dir``: move the files of a finished temporary folder into their final folder, each by one rename, after
   ``check_hf_dir`` has read them back (config, weights headers, tokenizer).
+- ``append_lines`` files are read back by ``read_cache`` (after ``repair_tail`` cut a line a killed process left
+  half-written) and keyed by ``content_key``, the hash of what produced a value.
 - ``guarded(path)``: any write error inside (``OSError``, and the ``RuntimeError`` / safetensors errors that torch and
   safetensors raise for an I/O failure) becomes one ``StorageError`` that names the path and the free space there.
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 
-from comal_openrlhf.errors import StorageError
+from comal_openrlhf.errors import BadInputError, StorageError
 
 
 def free_space(path):
@@ -196,3 +199,35 @@ def check_writable(path, what):
         raise StorageError(
             f"{what} {path} is not writable: {e.strerror or e} ({free_space(path)} free there)"
         ) from None
+
+
+def content_key(*parts):
+    """A 32-hex-digit key of JSON-serialisable ``parts``: what produced a cached value (inputs and settings)."""
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+def repair_tail(path):
+    """Cut a final line left half-written by a killed process, so appends start on a fresh line."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        f.truncate(data.rfind(b"\n") + 1)
+
+
+def read_cache(path):
+    """The JSON rows of an append-only cache file ([] when absent); a broken line is an error naming file:line."""
+    out = []
+    if not os.path.exists(path):
+        return out
+    repair_tail(path)
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise BadInputError(f"{path}:{i}: broken cache line ({e.msg}); delete the file to rebuild it")
+    return out

@@ -6,10 +6,10 @@ MWU (self-play on the win rate: iterative IPO/SPPO), INPO, Nash-MD and COMAL, fr
 eta = 1, tau = 0.1, and COMAL's reference advanced every K = 200 steps. Writes game_figure.png and game_figure.md
 (the table of final gaps, also printed) under --out.
 
-``--pair-rules``: COMAL in loss mode (ipo prox) with each pair rule of the trainer (comal_openrlhf.pairs), every
-step minimising the loss expected over all sample sets of --samples samples (comal_openrlhf.game ``--pairs``),
-against the exact expectation over y, y' ~ mu_k x mu_k; K = 50 and 600 steps unless given. Writes game_pairs.png
-and game_pairs.md.
+``--pair-rules``: COMAL in loss mode (ipo prox) with each pair rule of the trainer (comal_openrlhf.core.pairs),
+every step minimising the loss expected over all sample sets of --samples samples (``python -m
+comal_openrlhf.cli.game --pairs``), against the exact expectation over y, y' ~ mu_k x mu_k; K = 50 and 600 steps
+unless given. Writes game_pairs.png and game_pairs.md.
 
     python examples/game_figure.py                  # -> examples/out/game_figure.{png,md}
     python examples/game_figure.py --out /tmp/fig --iters 2000
@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from comal_openrlhf.game import paper_game, run
+from comal_openrlhf.core.game import paper_game, run
 
 ALGOS = ("mwu", "inpo", "nash-md", "comal")
 RULES = ("exact", "sampled", "all_soft", "top2", "best_worst")

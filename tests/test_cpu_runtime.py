@@ -25,7 +25,7 @@ TINY_FLAGS = [
 
 
 def _train_dpo(launcher, tiny_model, dpo_jsonl, out, zero):
-    cmd = launcher + ["-m", "comal_openrlhf.run", "openrlhf.cli.train_dpo"]
+    cmd = launcher + ["-m", "comal_openrlhf.cli.run", "openrlhf.cli.train_dpo"]
     cmd += ["--model.model_name_or_path", tiny_model, "--data.dataset", dpo_jsonl, "--ds.zero_stage", str(zero)]
     # flash_attention_2 is the upstream default: the runtime must swap it for sdpa by itself
     cmd += TINY_FLAGS + ["--ckpt.output_dir", str(out / "final"), "--logger.tensorboard_dir", str(out / "tb")]
@@ -63,7 +63,7 @@ def test_train_dpo_two_processes_gloo(tmp_path, tiny_model, dpo_jsonl, zero):
 
 @pytest.mark.integration
 def test_packing_is_refused_with_a_clear_message(tmp_path, tiny_model, dpo_jsonl):
-    cmd = [sys.executable, "-m", "comal_openrlhf.run", "openrlhf.cli.train_dpo", "--ds.packing_samples"]
+    cmd = [sys.executable, "-m", "comal_openrlhf.cli.run", "openrlhf.cli.train_dpo", "--ds.packing_samples"]
     cmd += ["--model.model_name_or_path", tiny_model, "--data.dataset", dpo_jsonl]
     p = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
@@ -242,7 +242,7 @@ def test_train_comal_trains_in_fp32_on_the_avx2_path(tmp_path, tiny_model, dpo_j
     ],
 )
 def test_upstream_parser_reads_the_flag_from_argv(monkeypatch, argv, expected):
-    # OpenRLHF's own train_dpo run through comal_openrlhf.run: its parser does not record whether the flag was given
+    # OpenRLHF's own train_dpo through comal_openrlhf.cli.run: its parser does not record whether the flag was given
     monkeypatch.setattr(cpu_runtime, "cpu_has_native_bf16", lambda *a, **k: False)
     monkeypatch.setattr(sys, "argv", ["openrlhf.cli.train_dpo", "--model.model_name_or_path", "m"] + argv)
     ds = SimpleNamespace(param_dtype="bf16")

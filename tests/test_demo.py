@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from _util import REPO
 
-from comal_openrlhf.demo import default_init, parse_args, run_demo
+from comal_openrlhf.cli.demo import default_init, parse_args, run_demo
 
 EPS64 = np.finfo(np.float64).eps
 # small settings: the checks are about plumbing and reproducibility, not convergence
@@ -25,7 +25,7 @@ def _python(code, env=None, timeout=120):
 
 
 def _demo(out, *flags, timeout=900):
-    cmd = [sys.executable, "-m", "comal_openrlhf.demo", "--out", str(out), "--json", *TINY, *flags]
+    cmd = [sys.executable, "-m", "comal_openrlhf.cli.demo", "--out", str(out), "--json", *TINY, *flags]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # cwd outside the repository: its kernels/ folder would shadow the PyPI package of that name
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(out.parent), env=env, timeout=timeout)
@@ -51,7 +51,7 @@ def test_json_stdout_sends_every_other_write_to_stderr():
     # exactly the JSON line, and after the block stdout works again.
     code = r"""
 import os, subprocess, sys
-from comal_openrlhf._cli import json_stdout
+from comal_openrlhf.cli.common import json_stdout
 with json_stdout(True) as emit:
     print("python print")
     os.write(1, b"raw descriptor write\n")
@@ -71,7 +71,7 @@ print("after the block")
 def test_json_stdout_restores_stdout_after_an_error():
     code = r"""
 import os
-from comal_openrlhf._cli import json_stdout
+from comal_openrlhf.cli.common import json_stdout
 try:
     with json_stdout(True):
         raise RuntimeError("boom")
@@ -85,7 +85,7 @@ os.write(1, b"stdout again\n")
 
 
 def test_game_lab_json_stdout_parses():
-    cmd = [sys.executable, "-m", "comal_openrlhf.game", "--algo", "comal", "--iters", "200", "--json"]
+    cmd = [sys.executable, "-m", "comal_openrlhf.cli.game", "--algo", "comal", "--iters", "200", "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert p.returncode == 0, p.stderr
     result = json.loads(p.stdout)
@@ -120,7 +120,7 @@ def test_help_names_the_default_start_and_the_dtype_rule(capsys):
 
 
 def test_init_of_the_wrong_length_is_refused(tmp_path):
-    from comal_openrlhf.demo import main
+    from comal_openrlhf.cli.demo import main
     from comal_openrlhf.errors import BadInputError
 
     a = parse_args(["--out", str(tmp_path / "o"), "--init", "0.5,0.5"])

@@ -1,4 +1,4 @@
-"""python -m comal_openrlhf.evaluate: win-rate matrix with bootstrap intervals, exploitability estimate, exact game
+"""python -m comal_openrlhf.cli.evaluate: win-rate matrix with bootstrap intervals, exploitability estimate, exact game
 mode, caching (kill and resume), and the in-memory ``winrate`` for the trainer."""
 
 import json
@@ -13,24 +13,14 @@ import numpy as np
 import pytest
 from _util import REPO, run_cmd, write_jsonl
 
-from comal_openrlhf import evaluate as evaluate_module
+from comal_openrlhf.cli.evaluate import parse_policy_specs
+from comal_openrlhf.core.judging import Judge, TableJudge
 from comal_openrlhf.errors import BadInputError, ImpossibleResultError, JudgeError
-from comal_openrlhf.evaluate import (
-    CachedJudge,
-    bootstrap_mean,
-    compare,
-    exact_matrix,
-    exploitability,
-    extended_game,
-    game_report,
-    head_to_head,
-    new_counts,
-    option_ids,
-    parse_policy_specs,
-    winrate,
-)
-from comal_openrlhf.judges.base import Judge
-from comal_openrlhf.judges.table import TableJudge
+from comal_openrlhf.eval import exact as exact_module
+from comal_openrlhf.eval.exact import exact_matrix, extended_game, game_report, option_ids
+from comal_openrlhf.eval.report import strict_json
+from comal_openrlhf.eval.winrate import bootstrap_mean, compare, exploitability, head_to_head, new_counts, winrate
+from comal_openrlhf.judges.cache import CachedJudge
 
 EPS = np.finfo(np.float64).eps
 PROMPT = "question pick one ?"
@@ -187,10 +177,10 @@ def test_option_sequences_must_extend_the_prompt_by_the_label():
 
 
 def test_options_with_more_than_all_the_mass_are_an_error(monkeypatch):
-    monkeypatch.setattr(evaluate_module, "option_logps", lambda *a: np.log([0.6, 0.6, 0.6]))
+    monkeypatch.setattr(exact_module, "option_logps", lambda *a: np.log([0.6, 0.6, 0.6]))
     with pytest.raises(ImpossibleResultError, match=r"total probability 1.8000 > 1"):
         game_report(None, None, PROMPT, paper_judge().P, ["a", "b", "c"])
-    monkeypatch.setattr(evaluate_module, "option_logps", lambda *a: np.log([0.3, 0.3, 0.3]))
+    monkeypatch.setattr(exact_module, "option_logps", lambda *a: np.log([0.3, 0.3, 0.3]))
     rep = game_report(None, None, PROMPT, paper_judge().P, ["a", "b", "c"])
     assert rep["invalid_mass"] == pytest.approx(0.1) and 0 <= rep["duality_gap"] <= 1
 
@@ -219,7 +209,6 @@ def test_cached_judge_answers_from_disk_and_repairs_a_torn_line(tmp_path):
 
 
 def test_strict_json_has_no_nan_tokens():
-    from comal_openrlhf.evaluate import strict_json
 
     out = json.dumps(strict_json({"a": [math.nan, 1.0, {"b": math.inf}], "c": "x"}), allow_nan=False)
     assert out == '{"a": [null, 1.0, {"b": null}], "c": "x"}'
@@ -237,7 +226,7 @@ def test_policy_specs():
 @pytest.fixture(scope="module")
 def game_models(tmp_path_factory):
     """SFT'd tiny Llamas on the paper game: skewed (0.6, 0.3, 0.1), Nash (4/11, 3/11, 4/11), and a prompts file."""
-    from comal_openrlhf.demo import sft_warm_start
+    from comal_openrlhf.cli.demo import sft_warm_start
     from comal_openrlhf.tiny import DEFAULT_WORDS, build_tiny_llama
 
     root = tmp_path_factory.mktemp("game_models")
@@ -251,7 +240,7 @@ def game_models(tmp_path_factory):
 
 
 def _eval_cmd(models, out, *extra, policies=("skew", "nash"), prompts=None):
-    cmd = [sys.executable, "-m", "comal_openrlhf.evaluate", "--policies"]
+    cmd = [sys.executable, "-m", "comal_openrlhf.cli.evaluate", "--policies"]
     cmd += [f"{p}={models[p]}" for p in policies]
     cmd += ["--data.dataset", prompts or models["prompts"], "--data.apply_chat_template"]
     cmd += ["--judge.kind", "table", "--judge.table", "paper", "--rollout.max_new_tokens", "3"]
@@ -353,7 +342,7 @@ def test_winrate_on_in_memory_models(game_models):
 @pytest.mark.integration
 def test_bad_input_is_one_message_not_a_traceback(tmp_path, tiny_model):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"question": PROMPT}])
-    cmd = [sys.executable, "-m", "comal_openrlhf.evaluate", "--policies", tiny_model, "--data.dataset", prompts]
+    cmd = [sys.executable, "-m", "comal_openrlhf.cli.evaluate", "--policies", tiny_model, "--data.dataset", prompts]
     cmd += ["--judge.kind", "table", "--judge.table", "paper", "--out", str(tmp_path / "ev"), "--json"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stdout == ""

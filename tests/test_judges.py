@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from comal_openrlhf.core.judging import TableJudge, load_table
 from comal_openrlhf.judges import JudgeError, MixtureJudge, add_judge_args, build_judge, check_probs, judge_pairs
-from comal_openrlhf.judges.table import TableJudge, load_table
 
 # P[i][j] = P(label i beats label j): x > y > z but z > x (a cycle, not Bradley-Terry)
 XYZ = {"P": [[0.5, 0.7, 0.4], [0.3, 0.5, 0.6], [0.6, 0.4, 0.5]], "labels": ["x", "y", "z"]}

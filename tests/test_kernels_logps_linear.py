@@ -8,7 +8,7 @@ import pytest
 import torch
 from _kernels import EPS32, SAFETY, assert_within
 
-from comal_openrlhf.logps import LOGPS_KERNELS, lm_head_parts, sequence_logps
+from comal_openrlhf.training.logps import LOGPS_KERNELS, lm_head_parts, sequence_logps
 
 
 def make_actor(path, tie):
@@ -110,7 +110,7 @@ from openrlhf.models import Actor
 from openrlhf.utils import get_strategy
 
 from comal_openrlhf.cli.train_comal import parse_args
-from comal_openrlhf.logps import sequence_logps
+from comal_openrlhf.training.logps import sequence_logps
 
 path, out = sys.argv[1], sys.argv[2]
 tmp = tempfile.mkdtemp()
@@ -191,6 +191,7 @@ def test_train_comal_with_linear_kernel_under_zero3_on_two_ranks(tiny_model, tmp
         write_jsonl(pairs / f"iter_{k:03d}.jsonl", [row] * 8)
     cmd = torchrun(2) + ["-m", "openrlhf.cli.train_comal", "--model.model_name_or_path", tiny_model]
     cmd += ["--train.micro_batch_size", "2", "--train.batch_size", "4", "--adam.lr", "1e-3", "--model.beta", "1.0"]
+    cmd += ["--train.max_epochs", "1"]  # the preset would fill the official 3
     cmd += ["--data.prompt_key", "prompt", "--data.max_len", "64", "--logger.logging_steps", "1"]
     cmd += ["--comal.pairs_dir", str(pairs), "--comal.algo", "comal", "--comal.logps_kernel", "linear"]
     cmd += ["--ds.zero_stage", "3", "--ckpt.output_dir", str(tmp_path / "final"), "--ckpt.path", str(tmp_path / "c")]

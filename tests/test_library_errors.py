@@ -45,9 +45,9 @@ def test_no_sys_exit_outside_command_line_entry_points():
 
 def test_library_calls_raise_typed_errors():
     from comal_openrlhf import cpu_runtime
-    from comal_openrlhf.data import OfflineSource
+    from comal_openrlhf.core.schedule import resolve_plan
     from comal_openrlhf.judges import build_judge
-    from comal_openrlhf.schedule import resolve_plan
+    from comal_openrlhf.training.data import OfflineSource
 
     with pytest.raises(PlanError):
         resolve_plan("comal", beta=float("inf"))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from comal_openrlhf.losses import (
+from comal_openrlhf.core.losses import (
     NEEDS_WIN_RATES,
     PROX_LOSSES,
     ProxLoss,
@@ -17,7 +17,7 @@ from comal_openrlhf.losses import (
     rebel_loss,
     sppo_loss,
 )
-from comal_openrlhf.record import PairBatch
+from comal_openrlhf.core.record import PairBatch
 
 T = lambda *x: torch.tensor(x, dtype=torch.float64)
 
@@ -185,7 +185,7 @@ def test_gradient_reaches_only_the_policy():
 
 def test_ipo_population_minimiser_is_the_closed_form_step():
     """Exact pair expectation over mu x mu with soft labels from P: argmin = mu^(1-r) ref^r exp(eta P mu)."""
-    from comal_openrlhf.game import loss_step, paper_game
+    from comal_openrlhf.core.game import loss_step, paper_game
 
     P, _ = paper_game()
     mu, ref = np.array([0.6, 0.3, 0.1]), np.array([0.2, 0.3, 0.5])

@@ -1,6 +1,7 @@
 """The objective the trainer minimises, checked through train_comal (not only through the loss function): pair
 weights that survive micro-batching and ranks, the label rule with label smoothing, preset defaults, the fresh
-optimizer per iteration, and keep_best. fp32 (``--ds.param_dtype fp32``) so that equalities hold to float rounding."""
+optimizer per iteration, keep_best (the official selection) and round_rollback. fp32 (``--ds.param_dtype fp32``)
+so that equalities hold to float rounding."""
 
 import json
 import os
@@ -97,7 +98,7 @@ def test_label_smoothing_reaches_the_trainers_loss(tmp_path, tiny_model):
     assert logged[1] == pytest.approx(expected, abs=1e-5), (logged, expected, unsmoothed)
 
 
-def test_preset_defaults_fresh_optimizer_and_keep_best(tmp_path, tiny_model):
+def test_preset_defaults_fresh_optimizer_and_round_rollback(tmp_path, tiny_model):
     pairs = tmp_path / "pairs"
     os.makedirs(pairs)
     rows = [{"prompt": PROMPT, "chosen": "yes good", "rejected": "no bad"}] * 4
@@ -125,7 +126,7 @@ def test_preset_defaults_fresh_optimizer_and_keep_best(tmp_path, tiny_model):
     assert [r["optimizer_steps_in_state"] for r in h] == [2, 4, 6, 8]
 
     _, h, stdout = launch(
-        tmp_path, "best", tiny_model, pairs, "--comal.algo", "comal", "--comal.keep_best", "--eval.dataset",
+        tmp_path, "best", tiny_model, pairs, "--comal.algo", "comal", "--comal.round_rollback", "--eval.dataset",
         eval_set, "--eval.split", "train", *common,
     )  # fmt: skip
     for k in (1, 3):  # rounds end with the advances after iterations 1 and 3
@@ -133,3 +134,32 @@ def test_preset_defaults_fresh_optimizer_and_keep_best(tmp_path, tiny_model):
         round_losses = {j: h[j]["eval_loss"] for j in (k - 1, k)}
         assert kept == min(round_losses, key=round_losses.get) and h[k]["kept_eval_loss"] == round_losses[kept]
     assert "kept_iteration" not in h[0] and "kept_iteration" not in h[2]
+
+
+def test_keep_best_ends_each_iteration_with_the_lowest_heldout_prox_loss(tmp_path, tiny_model):
+    # the held-out pairs are the training pairs with the labels flipped: training raises their prox loss, so the
+    # best check is an early one, the last is not, and the kept weights must be the early step's
+    pairs, heldout = tmp_path / "pairs", tmp_path / "heldout"
+    os.makedirs(pairs), os.makedirs(heldout)
+    rows = [{"prompt": PROMPT, "chosen": c, "rejected": r} for c, r, _w in PAIRS]
+    flipped = [{"prompt": PROMPT, "chosen": r, "rejected": c} for c, r, _w in PAIRS]
+    for k in range(2):
+        write_jsonl(pairs / f"iter_{k:03d}.jsonl", rows)
+        write_jsonl(heldout / f"iter_{k:03d}.jsonl", flipped)
+    out, h, stdout = launch(
+        tmp_path, "keep", tiny_model, pairs, "--comal.algo", "comal", "--comal.keep_best", "--comal.heldout",
+        heldout, "--eval.steps", "1", "--train.max_epochs", "3", "--train.micro_batch_size", "2",
+        "--train.batch_size", "2", "--comal.ref_update_interval", "1", "--adam.lr", "1e-3",
+    )  # fmt: skip
+    losses = read_scalars(str(out / "tb"), "heldout/prox_loss")
+    assert len(losses) == 12  # 2 iterations x 6 optimizer steps, each checked (--eval.steps 1)
+    for k, r in enumerate(h):
+        mine = losses[6 * k : 6 * k + 6]
+        best = min(range(6), key=mine.__getitem__)
+        assert r["heldout_checks"] == 6 and r["kept_step"] == best + 1 and best + 1 < 6, (mine, h)
+        assert r["kept_heldout_loss"] == pytest.approx(mine[best], rel=1e-6)
+        assert r["last_heldout_loss"] == pytest.approx(mine[-1], rel=1e-6) and mine[-1] > mine[best]
+    assert "keeping step" in stdout
+    # the kept weights are the policy of the next iteration: its record's log mu equals the kept step's policy,
+    # so iteration 1's first held-out check starts from the kept iterate's loss on the same (flipped) pairs
+    assert losses[6] < losses[5]

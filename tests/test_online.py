@@ -8,7 +8,7 @@ import sys
 import pytest
 from _util import REPO, run_cmd, torchrun, write_jsonl
 
-from comal_openrlhf.game import paper_game
+from comal_openrlhf.core.game import paper_game
 
 pytestmark = pytest.mark.integration  # every test here launches train_comal or the demo
 
@@ -64,7 +64,7 @@ def test_online_source_needs_prompts_and_a_prompt_key(tmp_path, game_model):
 
 def test_demo_converges_where_iterative_ipo_cycles(tmp_path):
     """Small version of the README's main job: COMAL's final gap is small and below iterative IPO's."""
-    cmd = [sys.executable, "-m", "comal_openrlhf.demo", "--algos", "comal,iter-ipo", "--iterations", "16"]
+    cmd = [sys.executable, "-m", "comal_openrlhf.cli.demo", "--algos", "comal,iter-ipo", "--iterations", "16"]
     cmd += ["--out", str(tmp_path / "demo"), "--json"]
     p = run_cmd(cmd, cwd=REPO, timeout=900)
     report = json.loads(p.stdout.strip().splitlines()[-1])

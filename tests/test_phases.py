@@ -1,6 +1,6 @@
-"""The phases as commands: python -m comal_openrlhf.generate (prompts -> samples) and python -m comal_openrlhf.judge
-(samples -> win matrices -> iter_NNN.jsonl pairs), sharded and merged, equal to the online source's pairs, and
-generate -> judge -> train_comal --comal.pairs_dir for two iterations."""
+"""The phases as commands: python -m comal_openrlhf.cli.generate (prompts -> samples) and
+python -m comal_openrlhf.cli.judge (samples -> win matrices -> iter_NNN.jsonl pairs), sharded and merged, equal to
+the online source's pairs, and generate -> judge -> train_comal --comal.pairs_dir for two iterations."""
 
 import json
 import math
@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from _util import REPO, run_cmd, write_jsonl
 
+from comal_openrlhf.cli.common import parse_shard
+from comal_openrlhf.core.pairs import pair_winrates
 from comal_openrlhf.errors import BadInputError, PlanError
-from comal_openrlhf.generate import iteration_slice, parse_shard
+from comal_openrlhf.training.data import prompt_window
 
 PROMPTS = ["question pick one ?", "pick one option ?", "choose one answer ?"]
 # per (iteration, prompt index): the samples of mu_k (labels of the paper game, an invalid word, an empty response)
@@ -26,7 +28,7 @@ RESPONSES = [
 
 def _samples_rows(k, per_iteration=2, policy="mu"):
     rows = []
-    for pos, i in enumerate(iteration_slice(len(PROMPTS), k, per_iteration)):
+    for pos, i in enumerate(prompt_window(len(PROMPTS), k, per_iteration)):
         for s, r in enumerate(RESPONSES[(i + k) % 3]):
             rows.append(
                 {
@@ -42,7 +44,7 @@ def _samples_rows(k, per_iteration=2, policy="mu"):
 
 
 def _judge(argv):
-    from comal_openrlhf.judge import judge_iteration, merge, parse_args
+    from comal_openrlhf.cli.judge import judge_iteration, merge, parse_args
 
     a = parse_args([str(x) for x in argv])
     return merge(a) if a.merge else judge_iteration(a)
@@ -80,9 +82,9 @@ def test_parse_shard():
             parse_shard(bad)
 
 
-def test_iteration_slice_cycles_like_the_online_source():
-    assert iteration_slice(3, 0, 2) == [0, 1] and iteration_slice(3, 1, 2) == [2, 0]
-    assert iteration_slice(2, 5, 64) == [0, 1]
+def test_prompt_window_cycles_like_the_online_source():
+    assert prompt_window(3, 0, 2) == [0, 1] and prompt_window(3, 1, 2) == [2, 0]
+    assert prompt_window(2, 5, 64) == [0, 1]
 
 
 @pytest.mark.parametrize("rule", ["top2", "all_soft", "sampled"])
@@ -92,8 +94,8 @@ def test_judge_pairs_equal_the_online_source_on_the_same_samples(tmp_path, tiny_
     from transformers import AutoTokenizer
 
     from comal_openrlhf.cli.train_comal import parse_args as train_args
-    from comal_openrlhf.data import PromptFormatter
-    from comal_openrlhf.online import OnlineSource
+    from comal_openrlhf.training.data import PromptFormatter
+    from comal_openrlhf.training.online import OnlineSource
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     args = train_args(
@@ -163,14 +165,18 @@ def test_win_matrices_and_win_rates(tmp_path):
     summary = _judge(_judge_argv(samples, tmp_path / "p", 0, "top2"))
     mats = _rows(tmp_path / "p" / "iter_000.matrices.jsonl")
     pairs = _rows(tmp_path / "p" / "iter_000.jsonl")
-    assert [m["position"] for m in mats] == [0, 1, 2] and summary["invalid_responses"] == 1
+    assert [m["position"] for m in mats] == [0, 1, 2] and summary["invalid_responses"] == 0
+    assert summary["empty_responses"] == 1 and "" in mats[1]["responses"]  # kept: it loses to every response
     for m, p in zip(mats, pairs):
         W, c = np.array(m["W"]), np.array(m["counts"], dtype=float)
         assert np.allclose(W + W.T, 1.0, atol=4 * np.finfo(float).eps) and np.all(np.diag(W) == 0.5)
-        wr = dict(zip(m["responses"], m["winrates"]))
-        assert wr[p["chosen"]] == p["chosen_winrate"] == max(m["winrates"]) and c.sum() >= 4
-    # prompt 2: b x3, a x2 -> win rate of b = (2 * 0.9 + 3 * 0.5 - 0.5) / 4 = 0.7
-    assert pairs[2]["chosen"] == "b" and abs(pairs[2]["chosen_winrate"] - 0.7) < 8 * np.finfo(float).eps
+        # "winrates" are the scores that rank top2; a pair's win rates leave the pair's two samples out
+        i, j = m["responses"].index(p["chosen"]), m["responses"].index(p["rejected"])
+        assert m["winrates"][i] == max(m["winrates"]) and c.sum() == 5
+        T = pair_winrates(c, W)
+        assert (p["chosen_winrate"], p["rejected_winrate"]) == (T[i, j], T[j, i])
+    # prompt 2: b x3, a x2 -> against the 3 samples outside the pair (b, b, a): b (0.5 + 0.5 + 0.9) / 3
+    assert pairs[2]["chosen"] == "b" and abs(pairs[2]["chosen_winrate"] - 1.9 / 3) < 8 * np.finfo(float).eps
 
 
 def test_judge_refuses_mixed_policies_and_bad_rows(tmp_path):
@@ -202,7 +208,7 @@ def test_generate_judge_train_two_iterations(tmp_path):
     common += ["--rollout.prompts_per_iteration", "2", "--rollout.n_samples_per_prompt", "4", "--train.seed", "3"]
     for k in (0, 1):
         for shard in ("0/2", "1/2"):
-            cmd = [sys.executable, "-m", "comal_openrlhf.generate", "--model.model_name_or_path", model, *common]
+            cmd = [sys.executable, "-m", "comal_openrlhf.cli.generate", "--model.model_name_or_path", model, *common]
             cmd += ["--rollout.max_new_tokens", "3", "--rollout.temperature", "1.0", "--iteration", str(k)]
             cmd += ["--shard", shard, "--output", str(tmp_path / f"s{k}.{shard[0]}.jsonl"), "--json"]
             out = json.loads(run_cmd(cmd, cwd=REPO).stdout)
@@ -217,8 +223,8 @@ def test_generate_judge_train_two_iterations(tmp_path):
             assert (tmp_path / "s0.1.jsonl").read_text() == before
         rows = _rows(tmp_path / f"s{k}.0.jsonl") + _rows(tmp_path / f"s{k}.1.jsonl")
         assert sorted(r["position"] for r in rows) == [0] * 4 + [1] * 4
-        assert {r["prompt_index"] for r in rows} == set(iteration_slice(3, k, 2))
-        cmd = [sys.executable, "-m", "comal_openrlhf.judge", "--samples", str(tmp_path / f"s{k}.*.jsonl")]
+        assert {r["prompt_index"] for r in rows} == set(prompt_window(3, k, 2))
+        cmd = [sys.executable, "-m", "comal_openrlhf.cli.judge", "--samples", str(tmp_path / f"s{k}.*.jsonl")]
         cmd += ["--iteration", str(k), "--out_dir", str(tmp_path / "pairs"), "--judge.kind", "table"]
         cmd += ["--judge.table", "paper", "--rollout.pair_rule", "all_soft", "--train.seed", "3", "--json"]
         summary = json.loads(run_cmd(cmd, cwd=REPO).stdout)

@@ -7,7 +7,7 @@ import pytest
 from _util import write_jsonl
 
 from comal_openrlhf.cli.train_comal import OFFICIAL_TRAINING, parse_args, sampling_note
-from comal_openrlhf.schedule import PRESETS
+from comal_openrlhf.core.schedule import PRESETS
 
 
 @pytest.fixture
@@ -38,15 +38,17 @@ def test_a_bare_preset_launch_trains_the_official_recipe(base, algo):
         0.1,
         0.01,
     )
-    assert args.comal.batch_unit == "prompts" and "adam.lr" in args.preset_filled
+    assert args.comal.batch_unit == "pairs" and "adam.lr" in args.preset_filled  # offline files: pairs as given
+    online = ["--judge.kind", "table", "--judge.table", "paper", "--comal.source", "online"]
+    assert parse_args(base + ["--comal.algo", algo] + online).comal.batch_unit == "prompts"
 
 
 def test_explicit_flags_win_over_the_preset(base):
     args = parse_args(base + ["--comal.algo", "comal", "--adam.lr", "1e-6", "--train.batch_size", "64"])
     assert args.adam.lr == 1e-6 and args.train.batch_size == 64 and args.train.max_epochs == 3
     assert "adam.lr" not in args.preset_filled and "train.max_epochs" in args.preset_filled
-    args = parse_args(base + ["--comal.algo", "comal", "--comal.batch_unit", "pairs"])
-    assert args.comal.batch_unit == "pairs"
+    args = parse_args(base + ["--comal.algo", "comal", "--comal.batch_unit", "prompts"])
+    assert args.comal.batch_unit == "prompts"
 
 
 def test_without_a_preset_a_train_dpo_launch_keeps_openrlhf_defaults(base):

@@ -14,14 +14,13 @@ RECIPES = [r for r in RECIPES if os.path.basename(r) != "common.sh"]
 
 
 def _parsers():
-    from comal_openrlhf import evaluate, generate, judge
-    from comal_openrlhf.cli import train_comal
+    from comal_openrlhf.cli import evaluate, generate, judge, train_comal
 
     return {
         "openrlhf.cli.train_comal": train_comal.parse_args,
-        "comal_openrlhf.evaluate": evaluate.parse_args,
-        "comal_openrlhf.generate": generate.parse_args,
-        "comal_openrlhf.judge": judge.parse_args,
+        "comal_openrlhf.cli.evaluate": evaluate.parse_args,
+        "comal_openrlhf.cli.generate": generate.parse_args,
+        "comal_openrlhf.cli.judge": judge.parse_args,
     }
 
 

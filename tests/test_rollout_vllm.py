@@ -16,7 +16,7 @@ import torch
 from _util import run_cmd, write_jsonl
 
 from comal_openrlhf.errors import PlanError, RolloutError
-from comal_openrlhf.rollout_vllm import VLLMSampler, vllm_available
+from comal_openrlhf.rollout.vllm_engines import VLLMSampler, vllm_available
 
 # find_spec keeps collection fast; the fixtures and tests below import vllm and skip with its error when that fails
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
@@ -307,7 +307,7 @@ def test_cpu_head_dim_outside_vllm_cpu_attention_is_a_plan_error(tmp_path):
 
 
 def test_backend_without_vllm_is_a_plan_error(monkeypatch):
-    import comal_openrlhf.rollout_vllm as rv
+    import comal_openrlhf.rollout.vllm_engines as rv
 
     monkeypatch.setattr(rv, "vllm_available", lambda: (False, "ModuleNotFoundError: No module named 'vllm'"))
     with pytest.raises(PlanError, match="needs vLLM"):

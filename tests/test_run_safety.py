@@ -12,10 +12,10 @@ import pytest
 from _util import run_cmd, write_jsonl
 from test_train_comal import ROW, comal_cmd, history, make_pairs_dir
 
-from comal_openrlhf.data import OfflineSource, RowFormatter, SkipLog, read_jsonl
+from comal_openrlhf.core.schedule import plan_differences
 from comal_openrlhf.errors import DataError, PlanError, RunLockError
 from comal_openrlhf.rundir import RunDirectory
-from comal_openrlhf.schedule import plan_differences
+from comal_openrlhf.training.data import OfflineSource, RowFormatter, SkipLog, read_jsonl
 
 
 def _failed(cmd, cwd):
@@ -91,7 +91,7 @@ def test_a_null_key_is_the_missing_key_error_of_every_source():
 def test_huge_pair_weights_normalise_without_overflow():
     import torch
 
-    from comal_openrlhf.record import weights_normalised
+    from comal_openrlhf.core.record import weights_normalised
 
     w = weights_normalised(torch.tensor([1e308, 1e308, 5e307], dtype=torch.float64))
     assert torch.allclose(w, torch.tensor([1.2, 1.2, 0.6]))

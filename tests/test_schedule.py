@@ -1,11 +1,11 @@
-"""Presets, overrides, rounds and the beta schedule of the COMAL outer loop (comal_openrlhf.schedule)."""
+"""Presets, overrides, rounds and the beta schedule of the COMAL outer loop (comal_openrlhf.core.schedule)."""
 
 import math
 
 import pytest
 
+from comal_openrlhf.core.schedule import parse_beta_schedule, resolve_plan
 from comal_openrlhf.errors import PlanError
-from comal_openrlhf.schedule import parse_beta_schedule, resolve_plan
 
 
 def plan(*args, **kwargs):

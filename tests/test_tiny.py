@@ -1,4 +1,4 @@
-"""python -m comal_openrlhf.tiny: a local model, prompts and pair files for a first launch (issue 18)."""
+"""python -m comal_openrlhf.cli.tiny: a local model, prompts and pair files for a first launch (issue 18)."""
 
 import json
 import os
@@ -7,8 +7,8 @@ import sys
 
 from _util import REPO
 
-from comal_openrlhf.matrix import load_matrix
-from comal_openrlhf.tiny import main
+from comal_openrlhf.cli.tiny import main
+from comal_openrlhf.core.matrix import load_matrix
 
 
 def test_tiny_command_writes_model_prompts_and_pairs_of_the_paper_game(tmp_path):
@@ -32,7 +32,7 @@ def test_start_up_prints_no_notices_from_the_repository_root():
 
 def test_bad_iterations_is_one_line(tmp_path):
     p = subprocess.run(
-        [sys.executable, "-m", "comal_openrlhf.tiny", "--out", str(tmp_path), "--iterations", "0"],
+        [sys.executable, "-m", "comal_openrlhf.cli.tiny", "--out", str(tmp_path), "--iterations", "0"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert p.returncode == 2 and p.stderr.strip() == "[comal] error: --iterations must be >= 1, got 0"

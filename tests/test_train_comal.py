@@ -16,6 +16,7 @@ FLAGS = [
     "--train.micro_batch_size", "2",
     "--train.batch_size", "4",
     "--adam.lr", "1e-3",
+    "--train.max_epochs", "1",  # a --comal.algo preset would fill the official 3
     "--model.beta", "1.0",
     "--data.prompt_key", "prompt",
     "--data.max_len", "64",
@@ -236,7 +237,7 @@ def test_fused_logps_kernel_trains_like_openrlhf_path(tmp_path, tiny_model):
 
 @pytest.mark.integration
 def test_step_benchmark_runs_and_reports_ratios(tmp_path):
-    cmd = [sys.executable, os.path.join(REPO, "examples", "bench_comal_step.py"), "--repeats", "2", "--warmup", "1"]
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "comal_step.py"), "--repeats", "2", "--warmup", "1"]
     cmd += ["--hidden", "32", "--layers", "1", "--vocab", "512", "--seq", "16", "--pairs", "8"]
     p = run_cmd(cmd, cwd=str(tmp_path))
     assert "| OpenRLHF DPOTrainer step (reference recomputed) |" in p.stdout

@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_train_comal import make_pairs_dir
 
-from comal_openrlhf.pairs import Pair
-from comal_openrlhf.record import IterationRecord, weights_normalised
+from comal_openrlhf.core.pairs import Pair
+from comal_openrlhf.core.record import IterationRecord, weights_normalised
 
 ROWS = [
     {"prompt": "question pick one ?", "chosen": "yes good", "rejected": "no bad"},
@@ -105,7 +105,7 @@ def test_precompute_fills_the_record_with_mu_and_anchor_logps(record, tiny_model
 def test_one_prox_stage_moves_the_margin_towards_the_ipo_target(trainer, record):
     logs = trainer.train(0, record)
     assert logs["steps"] == 4 * 2 and logs["optimizer_steps_in_state"] == 8
-    from comal_openrlhf.logps import pair_logps
+    from comal_openrlhf.training.logps import pair_logps
 
     batch = next(iter(trainer._loader(trainer._dataset(record.pairs), shuffle=False)))
     with torch.no_grad():
@@ -149,3 +149,42 @@ def test_batch_unit_prompts_makes_the_steps_of_one_pair_per_prompt(trainer, reco
     finally:
         trainer.settings = saved
         trainer.micro_step = 0
+
+
+def test_an_empty_response_is_the_prompt_then_eos(tiny_model):
+    """Issue 19 item 5: the policy that stopped at once is a response of its own: the pair dataset scores it as the
+    prompt's tokens then EOS, also for a prompt that ends in a newline (OpenRLHF's RewardDataset strips the joined
+    text's trailing newline, which would leave the response mask empty and log pi(empty) = 0)."""
+    from transformers import AutoTokenizer
+
+    from comal_openrlhf.core.pairs import EMPTY
+    from comal_openrlhf.training.data import PairDataset
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    for prompt in ("question pick one ?", "question pick one ?\n"):
+        ds = PairDataset([Pair(prompt, "yes good", EMPTY), Pair(prompt, "yes good", "no bad")], tok, 64)
+        _, _, reject_ids, r_mask, prompt_len, _ = ds[0]
+        want = tok(prompt, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert reject_ids[0].tolist() == want and r_mask.sum().item() == len(want)
+        assert len(want) == prompt_len + 1  # exactly one response token, EOS, under the response mask
+        assert ds[1][2][0].tolist() != want  # a non-empty response is tokenised by RewardDataset as before
+
+
+def test_rows_keep_an_empty_rejected_and_skip_an_empty_chosen(tiny_model):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from comal_openrlhf.core.pairs import EMPTY
+    from comal_openrlhf.training.data import RowFormatter, SkipLog
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    d = SimpleNamespace(
+        prompt_key="prompt", chosen_key="chosen", rejected_key="rejected", input_template=None,
+        apply_chat_template=False, tokenizer_chat_template=None,
+    )  # fmt: skip
+    fmt, skips = RowFormatter(d, tok, 64), SkipLog()
+    kept = fmt({"prompt": "question pick one ?", "chosen": "yes", "rejected": "  "}, "f:1", skips)
+    assert kept is not None and kept.rejected == EMPTY
+    assert fmt({"prompt": "question pick one ?", "chosen": " ", "rejected": "no"}, "f:2", skips) is None
+    assert skips.as_dict()["skipped_empty_response"] == 1

@@ -1,6 +1,6 @@
 """CPU demo: COMAL converges to the Nash policy of an intransitive game; iterative IPO/DPO do not.
 
-    python -m comal_openrlhf.demo [--game paper|FILE.json] [--algos comal,inpo,iter-ipo,iter-dpo] [--out DIR] [--json]
+    python -m comal_openrlhf.cli.demo [--game paper|FILE.json] [--algos comal,inpo,iter-ipo,iter-dpo] [--out DIR]
 
 1. A tiny Llama and a word-level tokenizer whose words include the game's options are built locally (no hub).
 2. SFT warm start: the model is fitted to a skewed distribution over the options (``--init``; by default weights
@@ -16,7 +16,8 @@
    gap-versus-iteration plot (PNG) plus JSON in ``--out``.
 
 Defaults (eta = 4, r = eta*tau = 0.6, K = 4, 24 iterations) were chosen with the tabular game lab
-(``python -m comal_openrlhf.game``), where the same schedule reaches a gap below 1e-4 from both of the paper's starts.
+(``python -m comal_openrlhf.cli.game``), where the same schedule reaches a gap below 1e-4 from both of the paper's
+starts.
 
 Reproducibility: a seed fixes the result on a given machine. Every process runs one CPU thread, with torch's
 deterministic algorithms (``--train.full_determinism_enable`` in the training runs); the SFT warm start, the model's
@@ -37,9 +38,15 @@ import time
 
 import numpy as np
 
-from comal_openrlhf._cli import json_stdout
+from comal_openrlhf.cli.common import json_stdout
+from comal_openrlhf.core.game import duality_gap, solve_nash
+from comal_openrlhf.core.matrix import load_matrix
+from comal_openrlhf.cpu_runtime import cpu_has_native_bf16
 from comal_openrlhf.errors import BadInputError
+from comal_openrlhf.eval.exact import game_report, option_logps, option_logps_tensor
+from comal_openrlhf.judges.tiny_gpm import build_cyclic_gpm, induced_matrix
 from comal_openrlhf.storage import write_json
+from comal_openrlhf.tiny import DEFAULT_WORDS, build_tiny_llama
 
 PROMPT = "question pick one ?"
 ALGOS = ("comal", "inpo", "iter-ipo", "iter-dpo")
@@ -75,8 +82,6 @@ def sft_warm_start(path, labels, target, seed, steps=400):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from comal_openrlhf.evaluate import option_logps, option_logps_tensor
-
     with deterministic_torch(seed):
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -104,8 +109,6 @@ def training_dtype(choice):
     if choice != "auto":
         return choice, None
     import torch
-
-    from comal_openrlhf.cpu_runtime import cpu_has_native_bf16
 
     if torch.cuda.is_available() or cpu_has_native_bf16():
         return "bf16", None
@@ -177,7 +180,7 @@ def run_algo(algo, a, model_dir, prompts, game_spec, out):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m comal_openrlhf.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m comal_openrlhf.cli.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--game", default="paper", help="paper (3-option cycle of the paper) or a matrix JSON file")
     p.add_argument("--algos", default=",".join(ALGOS), help=f"comma-separated subset of {','.join(ALGOS)}")
     p.add_argument("--out", default="comal_demo", help="output directory (plot, JSON, logs, models)")
@@ -245,10 +248,6 @@ def main(argv=None):
 
 
 def run_demo(a):
-    from comal_openrlhf.game import duality_gap, solve_nash
-    from comal_openrlhf.matrix import load_matrix
-    from comal_openrlhf.tiny import DEFAULT_WORDS, build_tiny_llama
-
     def say(*m):
         print(*m, flush=True)
 
@@ -280,7 +279,6 @@ def run_demo(a):
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     if a.judge == "gpm":  # a GPM judge with the options evenly spread on a circle: a cyclic preference
-        from comal_openrlhf.judges.gpm import build_cyclic_gpm, induced_matrix
 
         angles = [360.0 * i / len(labels) for i in range(len(labels))]
         gpm_dir = build_cyclic_gpm(os.path.join(out, "gpm"), PROMPT, labels, angles=angles, seed=a.seed)
@@ -312,8 +310,6 @@ def run_demo(a):
             say(f"[demo] {algo}: {len(hist)} iterations in {secs:.0f} s")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from comal_openrlhf.evaluate import game_report
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompt_text = tok.apply_chat_template(

@@ -2,11 +2,11 @@
 compares each prompt's samples, pairs are built for the prox step): samples jsonl -> per-prompt win matrices ->
 ``iter_NNN.jsonl`` pairs in the offline source's format (``train_comal --comal.pairs_dir``).
 
-    python -m comal_openrlhf.judge --samples samples.shard*.jsonl --iteration 3 --out_dir pairs \\
+    python -m comal_openrlhf.cli.judge --samples samples.shard*.jsonl --iteration 3 --out_dir pairs \\
         --judge.kind reward_model --judge.path RM --rollout.pair_rule top2 --train.seed 42 [--shard 0/4]
-    python -m comal_openrlhf.judge --merge --iteration 3 --out_dir pairs      # after sharded runs
+    python -m comal_openrlhf.cli.judge --merge --iteration 3 --out_dir pairs      # after sharded runs
 
-Input: the rows of ``python -m comal_openrlhf.generate`` (``prompt``, ``response``, ``policy``, ``sample``,
+Input: the rows of ``python -m comal_openrlhf.cli.generate`` (``prompt``, ``response``, ``policy``, ``sample``,
 ``position``), from any number of files (e.g. one per generate shard). Rows are grouped per prompt position
 (``position``, else the order of first appearance), responses ordered by sample index; one policy per run
 (``--policy`` picks one when the files hold several); a repeated (position, sample) is counted and the first kept.
@@ -33,20 +33,23 @@ import re
 import sys
 
 import numpy as np
+from openrlhf.utils.config import hierarchize
 
+from comal_openrlhf.cli.common import add_online_args, add_prompt_args, parse_shard, run_command
+from comal_openrlhf.core.pairs import build_pairs, canonical, win_matrix
 from comal_openrlhf.errors import BadInputError, PlanError
+from comal_openrlhf.judges import build_judge
+from comal_openrlhf.judges.cache import CachedJudge
 from comal_openrlhf.storage import write_atomic
+from comal_openrlhf.training.data import PromptFormatter, SkipLog, read_jsonl
 
 
 def build_parser():
-    from comal_openrlhf.generate import add_prompt_args
-    from comal_openrlhf.online import add_online_args
-
     p = argparse.ArgumentParser(
-        prog="python -m comal_openrlhf.judge",
+        prog="python -m comal_openrlhf.cli.judge",
         description="Judge sampled responses and build one iteration's preference pairs (iter_NNN.jsonl).",
     )
-    p.add_argument("--samples", nargs="+", default=[], help="Samples files of comal_openrlhf.generate (globs too)")
+    p.add_argument("--samples", nargs="+", default=[], help="Samples files of comal_openrlhf.cli.generate (globs too)")
     p.add_argument("--out_dir", required=True, help="Directory of iter_NNN.jsonl (train_comal --comal.pairs_dir)")
     p.add_argument("--iteration", type=int, required=True, help="Iteration number NNN (also seeds rule 'sampled')")
     p.add_argument("--policy", default=None, help="Policy id to judge when the samples hold several")
@@ -60,15 +63,11 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    from openrlhf.utils.config import hierarchize
-
     return hierarchize(build_parser().parse_args(argv))
 
 
 def read_groups(paths, policy=None):
     """[(position, raw prompt, [responses by sample index])] in position order, and the counted skips."""
-    from comal_openrlhf.data import SkipLog, read_jsonl
-
     files = []
     for pat in paths:
         hits = sorted(glob.glob(pat))
@@ -123,14 +122,8 @@ def _write(path, rows):
 
 
 def judge_iteration(a):
-    from comal_openrlhf.data import PromptFormatter
-    from comal_openrlhf.evaluate import CachedJudge
-    from comal_openrlhf.generate import parse_shard
-    from comal_openrlhf.judges import build_judge
-    from comal_openrlhf.pairs import build_pairs, is_valid, win_matrix
-
     if not a.samples:
-        raise BadInputError("--samples: give the samples file(s) of comal_openrlhf.generate")
+        raise BadInputError("--samples: give the samples file(s) of comal_openrlhf.cli.generate")
     if a.rollout.pair_weighting != "count":
         raise BadInputError(
             "--rollout.pair_weighting policy needs the policy's log-probs; the judge command uses count"
@@ -154,8 +147,8 @@ def judge_iteration(a):
     matrices = []
     for pos, raw, responses in groups:
         counts = {}
-        for r in responses:
-            if is_valid(r):
+        for r in map(canonical, responses):  # as build_pairs counts them: the empty response "" included
+            if r is not None:
                 counts[r] = counts.get(r, 0) + 1
         if len(counts) < 2:
             continue
@@ -215,8 +208,6 @@ def merge(a):
 
 
 def main(argv=None):
-    from comal_openrlhf._cli import run_command
-
     a = parse_args(argv)
     summary = run_command(lambda: merge(a) if a.merge else judge_iteration(a), a.json)
     if not a.json:

@@ -1,9 +1,9 @@
-"""Run any OpenRLHF entry point through the plugin's runtime: ``python -m comal_openrlhf.run MODULE [FLAGS...]``.
+"""Run any OpenRLHF entry point through the plugin's runtime: ``python -m comal_openrlhf.cli.run MODULE [FLAGS...]``.
 
 Example (OpenRLHF's own DPO on a CPU-only machine)::
 
-    python -m comal_openrlhf.run openrlhf.cli.train_dpo --model.model_name_or_path ... --ds.zero_stage 2
-    torchrun --nproc_per_node 2 -m comal_openrlhf.run openrlhf.cli.train_dpo ...
+    python -m comal_openrlhf.cli.run openrlhf.cli.train_dpo --model.model_name_or_path ... --ds.zero_stage 2
+    torchrun --nproc_per_node 2 -m comal_openrlhf.cli.run openrlhf.cli.train_dpo ...
 
 On a machine with CUDA the runtime changes nothing and the module runs exactly as ``python -m MODULE`` would.
 """
@@ -11,13 +11,14 @@ On a machine with CUDA the runtime changes nothing and the module runs exactly a
 import runpy
 import sys
 
+from comal_openrlhf import cpu_runtime
+from comal_openrlhf.errors import COMALError
+
 
 def main():
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(__doc__)
         raise SystemExit(0 if len(sys.argv) >= 2 else 2)
-    from comal_openrlhf import cpu_runtime
-    from comal_openrlhf.errors import COMALError
 
     cpu_runtime.apply()
     module = sys.argv[1]

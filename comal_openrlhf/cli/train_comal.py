@@ -23,15 +23,24 @@ from datetime import datetime  # noqa: F401  (train_dpo's parser statements use 
 from openrlhf.datasets.utils import blending_datasets
 
 from comal_openrlhf import cpu_runtime
-from comal_openrlhf.data import OfflineSource, PairDataset, RowFormatter, SkipLog, StaticSource, check_dataset_spec
+from comal_openrlhf.cli.common import add_online_args
+from comal_openrlhf.core.losses import NEEDS_WIN_RATES
+from comal_openrlhf.core.schedule import ALGO_HELP, PRESETS, PROXES, resolve_plan
 from comal_openrlhf.errors import BadInputError, COMALError, PlanError
 from comal_openrlhf.judges import build_judge
-from comal_openrlhf.logps import LOGPS_KERNELS
-from comal_openrlhf.losses import NEEDS_WIN_RATES
-from comal_openrlhf.online import OnlineSource, add_online_args
 from comal_openrlhf.rundir import RunDirectory
-from comal_openrlhf.schedule import ALGO_HELP, PRESETS, PROXES, resolve_plan
 from comal_openrlhf.storage import check_writable
+from comal_openrlhf.training.data import (
+    FixedPairs,
+    OfflineSource,
+    PairDataset,
+    RowFormatter,
+    SkipLog,
+    StaticSource,
+    check_dataset_spec,
+)
+from comal_openrlhf.training.logps import LOGPS_KERNELS
+from comal_openrlhf.training.online import OnlineSource
 
 
 def _train_dpo_main():
@@ -124,6 +133,14 @@ def add_comal_args(parser):
         "logits)",
     )
     g.add_argument(
+        "--comal.precompute_batch_size",
+        type=int,
+        default=None,
+        help="Micro-batch (pairs per rank) of the no-grad precompute pass that fills each iteration's cache of mu_k "
+        "and anchor log-probs; it can be larger than --train.micro_batch_size since no activations are kept for a "
+        "backward (both models' logits of a micro-batch are alive at once). Default: --train.micro_batch_size",
+    )
+    g.add_argument(
         "--comal.mass_coef",
         type=float,
         default=0.0,
@@ -143,10 +160,10 @@ def add_comal_args(parser):
         type=str,
         default=None,
         choices=["prompts", "pairs"],
-        help="What --train.batch_size counts. prompts (default with --comal.algo): an optimizer step takes the pairs "
-        "of batch_size prompts (gradient accumulation grows with the pairs per prompt), so all_soft's ~N(N-1)/2 "
-        "pairs per prompt make as many optimizer steps of the same size as the official top2 pipeline's one pair "
-        "per prompt; pairs (default without --comal.algo, OpenRLHF's meaning): batch_size pairs per step",
+        help="What --train.batch_size counts. prompts (default with --comal.algo and an online source): an optimizer "
+        "step takes the pairs of batch_size prompts (gradient accumulation grows with the pairs per prompt), so "
+        "all_soft's ~N(N-1)/2 pairs per prompt make as many optimizer steps of the same size as the official top2 "
+        "pipeline's one pair per prompt; pairs (default otherwise, OpenRLHF's meaning): batch_size pairs per step",
     )
     g.add_argument(
         "--comal.keep_optimizer_state",
@@ -159,8 +176,33 @@ def add_comal_args(parser):
         "--comal.keep_best",
         action="store_true",
         default=False,
-        help="With --eval.dataset: at the end of each round the policy returns to the round's iterate with the "
-        "lowest held-out prox loss (the official pipeline kept its best checkpoint)",
+        help="The official model selection: within each iteration, at every epoch end and every --eval.steps "
+        "optimizer steps, score the policy by the prox loss around that iteration's centre on held-out pairs of "
+        "the iteration's own source, and end the iteration with the best-scoring weights. Held-out pairs: online, "
+        "--comal.heldout_prompts prompts of --comal.heldout (default --eval.dataset) sampled from mu_k and judged "
+        "each iteration; offline, the file iter_NNN.jsonl of the folder --comal.heldout; static, --eval.dataset",
+    )
+    g.add_argument(
+        "--comal.heldout",
+        type=str,
+        default=None,
+        help="Held-out data of --comal.keep_best: a prompt dataset (online source; default --eval.dataset, split "
+        "--eval.split) or a folder of held-out pair files iter_000.jsonl, ... (offline source)",
+    )
+    g.add_argument(
+        "--comal.heldout_prompts",
+        type=int,
+        default=32,
+        help="Held-out prompts sampled and judged per iteration for --comal.keep_best (online source)",
+    )
+    g.add_argument(
+        "--comal.round_rollback",
+        action="store_true",
+        default=False,
+        help="Not the official selection: with --eval.dataset, at the end of each round (of --comal.round_length "
+        "iterations) the policy returns to the round's iterate with the lowest anchor-centred held-out loss on "
+        "--eval.dataset's fixed pairs, rolling back up to round_length - 1 iterations (the kept iterate then "
+        "becomes mu_k+1 and, at an advance, the anchor)",
     )
     g.add_argument(
         "--eval.winrate_every",
@@ -233,8 +275,30 @@ def explicit_dests(parser, argv):
     return {k for k, v in vars(ns).items() if v is not _UNSET}
 
 
+def joined_negative_numbers(argv):
+    """``--flag -1e-5`` as ``--flag=-1e-5``: argparse takes a token in scientific notation that starts with '-' for
+    an option ("expected one argument"), so a negative learning rate typed with a space never reached the check
+    that names the flag and its rule."""
+    out = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and token.startswith("-") and _is_number(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def _is_number(token):
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_args(argv=None):
     parser = build_parser()
+    argv = joined_negative_numbers(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     given = explicit_dests(parser, argv)
     filled = fill_official_training(args, given)
@@ -244,20 +308,21 @@ def parse_args(argv=None):
     args = namespace["args"]
     args.given = given
     args.preset_filled = filled
+    if args.comal.batch_unit is None:  # prompts where the pair rule makes several pairs per prompt: online sources
+        online = "comal.algo" in given and source_kind(args) == "online"
+        args.comal.batch_unit = "prompts" if online else "pairs"
+        if online:
+            filled.add("comal.batch_unit")
     return args
 
 
 def fill_official_training(args, given):
     """With an explicit ``--comal.algo`` every training flag the user did not pass takes the official COMAL
-    pipeline's value (OFFICIAL_TRAINING) and ``--comal.batch_unit`` defaults to prompts; without it an unchanged
-    train_dpo launch keeps OpenRLHF's defaults. Returns the dests filled (shown as "preset" in the start table)."""
+    pipeline's value (OFFICIAL_TRAINING); without it an unchanged train_dpo launch keeps OpenRLHF's defaults.
+    Returns the dests filled (shown as "preset" in the start table). ``--comal.batch_unit`` then defaults to prompts
+    for an online source (its pair rule makes the pairs) and to pairs for files and datasets (parse_args)."""
     filled = set()
-    explicit_algo = "comal.algo" in given
-    if getattr(args, "comal.batch_unit") is None:
-        setattr(args, "comal.batch_unit", "prompts" if explicit_algo else "pairs")
-        if explicit_algo:
-            filled.add("comal.batch_unit")
-    if not explicit_algo:
+    if "comal.algo" not in given:
         return filled
     for flag, value in OFFICIAL_TRAINING.items():
         if flag not in given:
@@ -315,9 +380,28 @@ def make_source(args, strategy, tokenizer, plan):
     return StaticSource(args, strategy, formatter)
 
 
+def make_heldout_source(args, strategy, tokenizer, plan, source, eval_pairs):
+    """The held-out pairs of ``--comal.keep_best``, from the iteration's own kind of source (None without it)."""
+    if not args.comal.keep_best:
+        return None
+    if isinstance(source, OnlineSource):
+        return OnlineSource(args, strategy, tokenizer, plan.pair_rule, heldout_of=source)
+    if isinstance(source, OfflineSource):
+        formatter = RowFormatter(args.data, tokenizer, args.data.max_len, need_winrates=plan.prox in NEEDS_WIN_RATES)
+        heldout = OfflineSource(args.comal.heldout, formatter, flag="--comal.heldout")
+        heldout.validate(plan.iterations)
+        return heldout
+    if eval_pairs is None:
+        raise PlanError("--comal.keep_best with a static source scores --eval.dataset's pairs: give --eval.dataset")
+    return FixedPairs(eval_pairs, args.eval.dataset)
+
+
 def load_eval_pairs(args, strategy, tokenizer, prox):
-    """``--eval.dataset`` (split ``--eval.split``) as pairs, validated like the training pairs."""
+    """``--eval.dataset`` (split ``--eval.split``) as pairs, validated like the training pairs; None for an online
+    source's prompt-only dataset (rows without ``--data.chosen_key``)."""
     data = blending_datasets(args.eval.dataset, None, strategy, dataset_split=args.eval.split)
+    if source_kind(args) == "online" and args.data.chosen_key not in data.column_names:
+        return None  # prompts only: the held-out prompts of --comal.keep_best and --eval.winrate_every
     formatter = RowFormatter(args.data, tokenizer, args.data.max_len, need_winrates=prox in NEEDS_WIN_RATES)
     skips = SkipLog()
     pairs = [p for p in (formatter(row, f"{args.eval.dataset}:row {i + 1}", skips) for i, row in enumerate(data)) if p]
@@ -394,8 +478,26 @@ def check_settings(args, plan, strategy):
         raise PlanError("--model.aux_loss_coef (MoE balancing loss) is not supported by train_comal yet")
     if plan.ref_update_interval > 0 and args.ds.lora.rank > 0:
         raise PlanError("reference advances copy full weights; LoRA (--ds.lora.rank > 0) is not supported")
-    if args.comal.keep_best and not getattr(args.eval, "dataset", None):
-        raise PlanError("--comal.keep_best picks iterates by their held-out loss: it needs --eval.dataset")
+    if args.comal.round_rollback and not getattr(args.eval, "dataset", None):
+        raise PlanError("--comal.round_rollback picks iterates by their held-out loss: it needs --eval.dataset")
+    if args.comal.keep_best:
+        kind = source_kind(args)
+        if kind == "offline" and not args.comal.heldout:
+            raise PlanError("--comal.keep_best with an offline source needs --comal.heldout DIR (held-out pair files)")
+        if kind != "offline" and not (args.comal.heldout if kind == "online" else None) and not args.eval.dataset:
+            raise PlanError(
+                "--comal.keep_best needs held-out data: --eval.dataset (pairs for a static source, prompts for an "
+                "online one) or --comal.heldout"
+            )
+        if args.comal.heldout_prompts < 1:
+            raise PlanError(f"--comal.heldout_prompts must be >= 1, got {args.comal.heldout_prompts}")
+    # a pair's win-rate targets leave the pair's two samples out (comal_openrlhf.core.pairs): 2 samples leave none
+    n = args.rollout.n_samples_per_prompt
+    if source_kind(args) == "online" and plan.prox in NEEDS_WIN_RATES and n < 3:
+        raise PlanError(
+            f"the {plan.prox} loss needs --rollout.n_samples_per_prompt >= 3, got {n}: a pair's win rates are "
+            "estimated from the prompt's samples other than the pair's two"
+        )
     if args.eval.winrate_every < 0 or args.eval.winrate_prompts < 1 or args.eval.winrate_samples < 1:
         raise PlanError("--eval.winrate_every must be >= 0, --eval.winrate_prompts and _samples >= 1")
     if args.eval.winrate_every and not (getattr(args.eval, "dataset", None) and args.judge.kind):
@@ -461,91 +563,20 @@ def on_all_ranks(fn, strategy):
 
 def build_trainer(args, strategy, run_dir):
     """Models, tokenizer, plan, source and trainer of a run, resumed from its checkpoint where asked; ready to fit.
-    The directories are checked here: a fresh run does not mix with an earlier run's files."""
+    The stages follow the data: the run directory, the models, the iteration source (and the held-out data), the
+    optimizer, the evaluation probes, the trainer, the resume."""
     # openrlhf.models (and so the trainer) imports flash_attn at import time: on a CPU-only machine the CPU runtime
-    # (applied by main) must come first, so these imports stay here rather than at the top of the module
-    from openrlhf.models import Actor
-    from openrlhf.utils import get_tokenizer
-
-    from comal_openrlhf.trainer import COMALTrainer, TrainerSettings, WinrateProbe, eval_record
+    # (applied by main) must come first, so this import stays here rather than at the top of the module
+    from comal_openrlhf.training.trainer import COMALTrainer, TrainerSettings
 
     # a fresh run must not write into an earlier run's files: checked before anything slow starts (e.g. vLLM engines)
     will_resume = args.ckpt.load_enable and os.path.isfile(os.path.join(args.ckpt.path, "latest"))
     if not will_resume:
         on_all_ranks(lambda: run_dir.prepare_fresh(overwrite=args.comal.overwrite, say=strategy.print), strategy)
-
-    model = Actor(
-        args.model.model_name_or_path,
-        attn_implementation=args.ds.attn_implementation,
-        experts_implementation=args.ds.experts_implementation,
-        param_dtype=args.ds.param_dtype,
-        load_in_4bit=args.ds.load_in_4bit,
-        lora_rank=args.ds.lora.rank,
-        lora_alpha=args.ds.lora.alpha,
-        lora_dropout=args.ds.lora.dropout,
-        target_modules=args.ds.lora.target_modules,
-        ds_config=strategy.get_ds_train_config(),
-        packing_samples=args.ds.packing_samples,
-        use_liger_kernel=args.ds.use_liger_kernel,
-    )
-    tokenizer = get_tokenizer(
-        args.model.model_name_or_path, model.model, "right", strategy, use_fast=not args.data.disable_fast_tokenizer
-    )
-    ref_model = Actor(
-        args.ref.model_name_or_path,
-        attn_implementation=args.ds.attn_implementation,
-        experts_implementation=args.ds.experts_implementation,
-        param_dtype=args.ds.param_dtype,
-        load_in_4bit=args.ds.load_in_4bit,
-        ds_config=strategy.get_ds_eval_config(offload=args.ref.offload),
-        packing_samples=args.ds.packing_samples,
-    )
-    if args.ref.offload:
-        ref_model._offload = True
-    get_tokenizer(
-        args.model.model_name_or_path,
-        ref_model.model,
-        "right",
-        strategy,
-        use_fast=not args.data.disable_fast_tokenizer,
-    )
-    if args.model.gradient_checkpointing_enable:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": args.model.gradient_checkpointing_reentrant}
-        )
-
-    # the whole plan is resolved and validated before the first step
-    fixed = 1 if source_kind(args) == "static" else None
-    if source_kind(args) == "offline" and args.comal.pairs_dir and os.path.isdir(args.comal.pairs_dir):
-        fixed = len([f for f in os.listdir(args.comal.pairs_dir) if OfflineSource.PATTERN.match(f)]) or None
-    plan, provenance = resolve(args, fixed)
-    check_settings(args, plan, strategy)
-    source = make_source(args, strategy, tokenizer, plan)
-    source.validate(plan.iterations)
-    eval_dataset = None
-    if args.eval.dataset:
-        eval_pairs = load_eval_pairs(args, strategy, tokenizer, plan.prox)
-        eval_dataset = (PairDataset(eval_pairs, tokenizer, args.data.max_len), eval_record(eval_pairs))
-    strategy.print("[comal] effective settings:\n" + settings_table(args, plan, provenance, source))
-
-    sched = dict(lr_scheduler=args.lr_scheduler, lr_warmup_ratio=args.lr_warmup_ratio, min_lr_ratio=args.min_lr_ratio)
-    cfg = dict(
-        optim=args.optim,
-        muon=vars(args.muon),
-        adam=vars(args.adam),
-        max_norm=args.max_norm,
-        scheduler_steps=1,  # restarted per iteration by the trainer
-        **sched,
-    )
-    (model, optim, scheduler), ref_model = strategy.prepare((model, cfg), ref_model)
-
-    winrate_probe = None
-    if args.eval.winrate_every:
-        judge = source.judge if isinstance(source, OnlineSource) else build_judge(args.judge)
-        prompts = list(dict.fromkeys(p.prompt for p in eval_pairs))[: args.eval.winrate_prompts]
-        winrate_probe = WinrateProbe(
-            judge, prompts, args.eval.winrate_every, args.eval.winrate_samples, args.rollout, args.judge.single_order
-        )
+    model, ref_model, tokenizer = _setup_models(args, strategy)
+    plan, source, evaluation = _setup_source(args, strategy, tokenizer)
+    (model, optim, scheduler), ref_model = _setup_optimizer(args, strategy, model, ref_model)
+    winrate_probe = _setup_winrate_probe(args, strategy, tokenizer, plan, source, evaluation)
     rollout = getattr(args, "rollout", None)
     settings = TrainerSettings(
         logps_kernel=args.comal.logps_kernel,
@@ -554,6 +585,8 @@ def build_trainer(args, strategy, run_dir):
         mass_coef=args.comal.mass_coef,
         keep_optimizer_state=args.comal.keep_optimizer_state,
         keep_best=args.comal.keep_best,
+        round_rollback=args.comal.round_rollback,
+        eval_steps=args.eval.steps,
         batch_unit=args.comal.batch_unit,
     )
     trainer = COMALTrainer(
@@ -565,14 +598,15 @@ def build_trainer(args, strategy, run_dir):
         scheduler=scheduler,
         source=source,
         plan=plan,
-        scheduler_cfg=sched,
+        scheduler_cfg=_scheduler_settings(args),
         settings=settings,
         max_norm=args.max_norm,
         max_epochs=args.train.max_epochs,
         save_hf_ckpt=args.ckpt.save_hf,
         disable_ds_ckpt=args.ckpt.disable_ds,
-        eval_dataset=eval_dataset,
+        eval_dataset=evaluation["dataset"],
         winrate_probe=winrate_probe,
+        heldout_source=evaluation["heldout"],
     )
     if will_resume:
         load_path, states = strategy.load_ckpt(model.model, args.ckpt.path)
@@ -581,6 +615,108 @@ def build_trainer(args, strategy, run_dir):
         trainer.restore(states, accept_plan_change=args.comal.accept_plan_change)
     os.makedirs(args.ckpt.output_dir, exist_ok=True)
     return trainer
+
+
+def _setup_models(args, strategy):
+    """The policy (trained, with LoRA and Liger as asked) and the anchor (ref) as OpenRLHF Actors, and the tokenizer,
+    as train_dpo builds them."""
+    from openrlhf.models import Actor  # after the CPU runtime: see build_trainer
+    from openrlhf.utils import get_tokenizer
+
+    def actor(path, ds_config, **train_only):
+        return Actor(
+            path,
+            attn_implementation=args.ds.attn_implementation,
+            experts_implementation=args.ds.experts_implementation,
+            param_dtype=args.ds.param_dtype,
+            load_in_4bit=args.ds.load_in_4bit,
+            ds_config=ds_config,
+            packing_samples=args.ds.packing_samples,
+            **train_only,
+        )
+
+    lora = args.ds.lora
+    model = actor(
+        args.model.model_name_or_path,
+        strategy.get_ds_train_config(),
+        lora_rank=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_liger_kernel=args.ds.use_liger_kernel,
+    )
+    ref_model = actor(args.ref.model_name_or_path, strategy.get_ds_eval_config(offload=args.ref.offload))
+    if args.ref.offload:
+        ref_model._offload = True
+    fast = not args.data.disable_fast_tokenizer
+    tokenizer = get_tokenizer(args.model.model_name_or_path, model.model, "right", strategy, use_fast=fast)
+    get_tokenizer(args.model.model_name_or_path, ref_model.model, "right", strategy, use_fast=fast)
+    if args.model.gradient_checkpointing_enable:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": args.model.gradient_checkpointing_reentrant}
+        )
+    return model, ref_model, tokenizer
+
+
+def _setup_source(args, strategy, tokenizer):
+    """The whole plan, resolved and validated before the first step, the iteration source, and the evaluation data
+    ({"pairs", "dataset", "heldout"}: --eval.dataset's pairs and their dataset, keep_best's held-out source)."""
+    from comal_openrlhf.training.trainer import eval_record  # after the CPU runtime: see build_trainer
+
+    fixed = 1 if source_kind(args) == "static" else None
+    if source_kind(args) == "offline" and args.comal.pairs_dir and os.path.isdir(args.comal.pairs_dir):
+        fixed = len([f for f in os.listdir(args.comal.pairs_dir) if OfflineSource.PATTERN.match(f)]) or None
+    plan, provenance = resolve(args, fixed)
+    check_settings(args, plan, strategy)
+    source = make_source(args, strategy, tokenizer, plan)
+    source.validate(plan.iterations)
+    evaluation = {"pairs": None, "dataset": None}
+    if args.eval.dataset:
+        evaluation["pairs"] = pairs = load_eval_pairs(args, strategy, tokenizer, plan.prox)
+        if pairs is not None:
+            evaluation["dataset"] = (PairDataset(pairs, tokenizer, args.data.max_len), eval_record(pairs))
+    if args.comal.round_rollback and evaluation["dataset"] is None:
+        raise PlanError("--comal.round_rollback scores fixed held-out pairs: --eval.dataset must hold pairs")
+    evaluation["heldout"] = make_heldout_source(args, strategy, tokenizer, plan, source, evaluation["pairs"])
+    strategy.print("[comal] effective settings:\n" + settings_table(args, plan, provenance, source))
+    return plan, source, evaluation
+
+
+def _scheduler_settings(args):
+    return dict(lr_scheduler=args.lr_scheduler, lr_warmup_ratio=args.lr_warmup_ratio, min_lr_ratio=args.min_lr_ratio)
+
+
+def _setup_optimizer(args, strategy, model, ref_model):
+    """DeepSpeed engines for both models and the policy's optimizer; the schedule is restarted per iteration by the
+    trainer (each iteration is its own prox problem)."""
+    cfg = dict(
+        optim=args.optim,
+        muon=vars(args.muon),
+        adam=vars(args.adam),
+        max_norm=args.max_norm,
+        scheduler_steps=1,
+        **_scheduler_settings(args),
+    )
+    return strategy.prepare((model, cfg), ref_model)
+
+
+def _setup_winrate_probe(args, strategy, tokenizer, plan, source, evaluation):
+    """``--eval.winrate_every``: the policy against the start policy and the anchor on held-out prompts (None when
+    off)."""
+    from comal_openrlhf.training.trainer import WinrateProbe  # after the CPU runtime: see build_trainer
+
+    if not args.eval.winrate_every:
+        return None
+    judge = source.judge if isinstance(source, OnlineSource) else build_judge(args.judge)
+    if evaluation["pairs"] is not None:
+        prompts = list(dict.fromkeys(p.prompt for p in evaluation["pairs"]))
+    else:
+        heldout = evaluation["heldout"]
+        prompts = (heldout or OnlineSource(args, strategy, tokenizer, plan.pair_rule, heldout_of=source)).texts
+    prompts = prompts[: args.eval.winrate_prompts]
+    return WinrateProbe(
+        judge, prompts, args.eval.winrate_every, args.eval.winrate_samples, args.rollout, args.judge.single_order
+    )
 
 
 def _number_error(flag, value, rule):
@@ -622,6 +758,9 @@ def preflight(args):
             f"--train.batch_size {t.batch_size} must be a multiple of --train.micro_batch_size {t.micro_batch_size} "
             f"x {dp} data-parallel rank(s) = {t.micro_batch_size * dp} (the rest becomes gradient accumulation)"
         )
+    pb = args.comal.precompute_batch_size
+    if pb is not None and not (isinstance(pb, int) and pb >= 1):
+        raise _number_error("--comal.precompute_batch_size", pb, "an integer >= 1")
     if not (math.isfinite(args.adam.lr) and args.adam.lr >= 0):
         raise _number_error("--adam.lr", args.adam.lr, "a finite number >= 0")
     if not (math.isfinite(args.model.label_smoothing) and 0 <= args.model.label_smoothing < 0.5):

@@ -8,10 +8,18 @@ file, a remote server, a model) fails the same way: a ``JudgeError`` naming the 
 averages p(a, b) and 1 - p(b, a), which cancels a judge's position bias and makes the result antisymmetric. A judge
 that is antisymmetric by construction (``antisymmetric = True``: a reward model's sigmoid of differences, a GPM's
 skew-symmetric score) is asked one order only: the average would equal its single answer.
+
+``TableJudge`` is the exact judge of a known preference matrix over canonical responses: the tabular game (file
+format and validation in ``comal_openrlhf.core.matrix``; ``"paper"`` names the paper's 3x3 synthetic game). A
+response is stripped and matched to a label; one that is no label loses to every label (P = 0) and ties another
+invalid response (0.5): a policy that leaves the game's support is always beaten. It lives here, beside the
+interface, because the pair builder and the game lab (this package) use it; the model judges are in
+``comal_openrlhf.judges``.
 """
 
 import numpy as np
 
+from comal_openrlhf.core.matrix import MatrixError, load_matrix, validate_matrix
 from comal_openrlhf.errors import JudgeError
 
 PROB_TOLERANCE = 1e-6
@@ -117,3 +125,44 @@ class MixtureJudge(Judge):
 
     def stats(self):
         return {f"{i}.{k}": v for i, j in enumerate(self.judges) for k, v in j.stats().items()}
+
+
+def validate_table(P, labels, source="table"):
+    """``matrix.validate_matrix`` with the judge's error type."""
+    try:
+        return validate_matrix(P, labels, source)
+    except MatrixError as e:
+        raise JudgeError(str(e)) from None
+
+
+def load_table(spec):
+    """``"paper"`` or a JSON file path -> (P, labels), validated; JudgeError naming the file and entry otherwise."""
+    try:
+        return load_matrix(spec)
+    except MatrixError as e:
+        raise JudgeError(f"preference table {e}") from None
+
+
+class TableJudge(Judge):
+    def __init__(self, P, labels, name="table"):
+        self.P, self.labels = validate_table(P, labels, name)
+        self.index = {label: i for i, label in enumerate(self.labels)}
+        self.name = name
+
+    @classmethod
+    def load(cls, spec):
+        P, labels = load_table(spec)
+        return cls(P, labels, name=f"table:{spec}")
+
+    def _index(self, response):
+        return self.index.get(response.strip(), -1) if isinstance(response, str) else -1
+
+    def _prob(self, prompts, a, b):
+        out = np.empty(len(a), dtype=np.float64)
+        for k, (x, y) in enumerate(zip(a, b)):
+            i, j = self._index(x), self._index(y)
+            if i >= 0 and j >= 0:
+                out[k] = self.P[i, j]
+            else:  # an invalid response loses to any label and ties another invalid one
+                out[k] = 0.5 if i < 0 and j < 0 else float(i >= 0)
+        return out

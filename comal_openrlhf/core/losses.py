@@ -90,7 +90,7 @@ def rebel_loss(h: torch.Tensor, p_w: torch.Tensor, p_l: torch.Tensor, beta: floa
 
 
 class ProxLoss(torch.nn.Module):
-    """The COMAL prox loss on a micro-batch of an iteration record (comal_openrlhf.record.PairBatch).
+    """The COMAL prox loss on a micro-batch of an iteration record (comal_openrlhf.core.record.PairBatch).
 
     ``kind`` is one of PROX_LOSSES, ``beta`` = 1/eta (settable between rounds by a beta schedule), ``ref_weight``
     = r = eta*tau in [0, 1). ``forward(pi_w, pi_l, batch)`` takes the policy's sequence log-probs of the chosen and

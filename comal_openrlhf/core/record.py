@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from comal_openrlhf.pairs import Pair
+from comal_openrlhf.core.pairs import Pair
 
 LOGP_FIELDS = ("logp_mu_chosen", "logp_mu_rejected", "logp_ref_chosen", "logp_ref_rejected")
 PAIR_FIELDS = ("chosen_winrate", "rejected_winrate", "soft_label", "weight")

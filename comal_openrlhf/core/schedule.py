@@ -24,8 +24,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from comal_openrlhf.core.losses import PROX_LOSSES
 from comal_openrlhf.errors import PlanError
-from comal_openrlhf.losses import PROX_LOSSES
 
 # beta 0.002, r = 1/3, 24 iterations with the anchor advanced every 12: the official COMAL defaults (Qwen2-1.5B);
 # the pair rules are those whose expected loss is the prox step's objective (all_soft with sample-count weights).

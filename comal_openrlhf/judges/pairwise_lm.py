@@ -15,8 +15,8 @@ import os
 
 import numpy as np
 
-from .base import Judge, JudgeError
-from .reward_model import resolve_device
+from comal_openrlhf.core.judging import Judge, JudgeError
+from comal_openrlhf.judges.reward_model import resolve_device
 
 DEFAULT_TEMPLATE = """Compare two responses to the same instruction and decide which one is better: more helpful, \
 correct, honest and clear.

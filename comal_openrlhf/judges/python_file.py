@@ -11,7 +11,7 @@ JudgeError naming the file.
 import importlib.util
 import os
 
-from .base import Judge, JudgeError
+from comal_openrlhf.core.judging import Judge, JudgeError
 
 
 class PythonJudge(Judge):

@@ -11,8 +11,9 @@ Within one call each unique (prompt, response) is scored once. The judge is anti
 
 import numpy as np
 
-from .base import Judge, JudgeError
-from .remote import sigmoid
+from comal_openrlhf import cpu_runtime
+from comal_openrlhf.core.judging import Judge, JudgeError
+from comal_openrlhf.judges.remote import sigmoid
 
 
 def resolve_device(device):
@@ -31,7 +32,6 @@ class RewardModelJudge(Judge):
             raise JudgeError("reward_model judge needs --judge.path")
         if temperature <= 0:
             raise JudgeError(f"reward_model judge {path}: temperature must be > 0, got {temperature}")
-        from comal_openrlhf import cpu_runtime
 
         cpu_runtime.apply()  # openrlhf.models imports flash_attn; a no-op when CUDA is there
         from openrlhf.models import get_llm_for_sequence_regression

@@ -1,5 +1,5 @@
 """Sampling responses from a policy with HF ``generate``: the sampling step of a COMAL iteration (arXiv 2410.23223:
-responses y ~ mu_k(. | x)), shared by the online source, ``python -m comal_openrlhf.generate`` and the evaluate
+responses y ~ mu_k(. | x)), shared by the online source, ``python -m comal_openrlhf.cli.generate`` and the evaluate
 command.
 
 ``generate`` takes a Hugging Face causal LM (a plain module, or the module inside OpenRLHF's Actor / DeepSpeed

@@ -53,7 +53,7 @@ from comal_openrlhf.errors import PlanError, RolloutError
 from comal_openrlhf.weights import unwrap
 
 ENGINE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-WORKER_EXTENSION = "comal_openrlhf.rollout_vllm.WorkerExtension"
+WORKER_EXTENSION = "comal_openrlhf.rollout.vllm_engines.WorkerExtension"
 GROUP_NAME = "comal"
 
 

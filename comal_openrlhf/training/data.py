@@ -1,14 +1,14 @@
 """Iteration sources and the pair dataset: where each COMAL iteration's preference pairs come from.
 
 One iteration of COMAL (arXiv 2410.23223) needs pairs (y_w, y_l) of responses to prompts x. A source
-yields them as ``comal_openrlhf.pairs.Pair`` (``IterationSource.pairs(k, policy)``); ``PairDataset`` tokenises them
-with OpenRLHF's ``RewardDataset`` (openrlhf/datasets/reward_dataset.py). Sources:
+yields them as ``comal_openrlhf.core.pairs.Pair`` (``IterationSource.pairs(k, policy)``); ``PairDataset`` tokenises
+them with OpenRLHF's ``RewardDataset`` (openrlhf/datasets/reward_dataset.py). Sources:
 
 - ``offline``: a directory with one file per iteration, ``iter_000.jsonl``, ``iter_001.jsonl``, ... for users who
-  sample and judge elsewhere (the official COMAL pipeline; ``python -m comal_openrlhf.judge`` writes this format).
+  sample and judge elsewhere (the official COMAL pipeline; ``python -m comal_openrlhf.cli.judge`` writes this format).
 - ``static``: OpenRLHF's ``--data.dataset`` (any file or hub dataset ``blending_datasets`` reads), the same pairs in
   every iteration: an unchanged ``train_dpo`` launch.
-- ``online`` (comal_openrlhf.online): sample from the current policy, judge, build pairs.
+- ``online`` (comal_openrlhf.training.online): sample from the current policy, judge, build pairs.
 
 Rows use OpenRLHF's keys (``--data.prompt_key``, ``--data.chosen_key``, ``--data.rejected_key``) and its prompt
 formatting (``--data.input_template``, ``--data.apply_chat_template``). Optional per-row fields: ``chosen_winrate``
@@ -34,8 +34,8 @@ from openrlhf.datasets import RewardDataset
 from openrlhf.datasets.reward_dataset import preprocess_data
 from openrlhf.datasets.utils import blending_datasets
 
+from comal_openrlhf.core.pairs import EMPTY, Pair
 from comal_openrlhf.errors import BadInputError, DataError, PlanError
-from comal_openrlhf.pairs import Pair
 
 SKIP_EXAMPLES = 3  # file:line examples logged per skip reason
 
@@ -176,7 +176,7 @@ class RowFormatter:
             if t is None:
                 skips.skip(f"non-string {k}", origin)
                 return None
-        if not texts[self.chosen_key].strip() or not texts[self.rejected_key].strip():
+        if not texts[self.chosen_key].strip():  # a preferred empty answer is a data error, not a response to learn
             skips.skip("empty response", origin)
             return None
         if row[self.chosen_key] == row[self.rejected_key]:
@@ -219,6 +219,8 @@ class RowFormatter:
         # still over max_len tokens, so they cost their share of max_len and no more
         long = [r for r in (chosen, rejected) if len(r) > self.max_chars]
         chosen, rejected = chosen[: self.max_chars], rejected[: self.max_chars]
+        if not rejected.strip():  # the policy stopped at once: a response, and it lost (core.pairs.EMPTY)
+            rejected = EMPTY
         if long or max(self._n_tokens(prompt + r) for r in (chosen, rejected)) + 1 > self.max_len:
             skips.truncated += 1  # +1: the EOS OpenRLHF appends; the response is truncated, not dropped
         return Pair(
@@ -307,26 +309,26 @@ def load_train_data(args, strategy):
     return _blend(args.data, strategy, args.train.seed)
 
 
-def _blend(d, strategy, seed):
+def _blend(d, strategy, seed, flag="--data.dataset"):
     def load():
         return blending_datasets(
             d.dataset, d.dataset_probs, strategy, seed, max_count=d.max_samples, dataset_split=d.dataset_split
         )
 
-    data = load_dataset_or_error(d.dataset, "--data.dataset", load)
+    data = load_dataset_or_error(d.dataset, flag, load)
     return data.select(range(min(d.max_samples, len(data))))
 
 
-def load_prompts(data_args, strategy, seed):
+def load_prompts(data_args, strategy, seed, flag="--data.dataset"):
     """The raw prompts of ``--data.dataset`` under ``--data.prompt_key`` as (origin, prompt) pairs, plus the SkipLog
     of empty prompts (counted, not kept). A row without the key (or null there: a tabular dataset fills a key some
     rows lack with None) is an error naming the row (1-based), the rule of the pair sources too."""
     d = data_args
     if not d.dataset:
-        raise BadInputError("prompts needed: --data.dataset")
+        raise BadInputError(f"prompts needed: {flag}")
     if not d.prompt_key:
         raise BadInputError("prompts need --data.prompt_key (the prompt column)")
-    data = _blend(d, strategy, seed)
+    data = _blend(d, strategy, seed, flag)
     prompts, skips = [], SkipLog()
     for i, row in enumerate(data):
         origin = f"{d.dataset}:row {i + 1}"
@@ -339,6 +341,28 @@ def load_prompts(data_args, strategy, seed):
             continue
         prompts.append((origin, raw))
     return prompts, skips
+
+
+def fitting_prompts(prompts, formatter, tokenizer, max_len, skips):
+    """The prompts that leave room for a response: [(i, raw, text)] for each (origin, raw) of ``prompts`` whose
+    policy text (``formatter.policy_text``) is shorter than ``max_len - 2`` tokens; the others are counted in
+    ``skips`` under their origin. The online source and the generate command filter with it."""
+    kept = []
+    for i, (origin, raw) in enumerate(prompts):
+        text = formatter.policy_text(raw)
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= max_len - 2:
+            skips.skip(f"prompt longer than --data.max_len {max_len}", origin)
+            continue
+        kept.append((i, raw, text))
+    return kept
+
+
+def prompt_window(n_prompts, k, per_iteration):
+    """Positions of iteration k's prompts: a window of ``per_iteration`` (at most all of them) starting at k times
+    its size, cycling over the list. The online source and ``generate --iteration`` take the same windows."""
+    n = min(per_iteration, n_prompts)
+    start = (k * n) % n_prompts
+    return [(start + i) % n_prompts for i in range(n)]
 
 
 class IterationSource:
@@ -366,18 +390,17 @@ class OfflineSource(IterationSource):
     name = "offline"
     PATTERN = re.compile(r"^iter_(\d+)\.jsonl$")
 
-    def __init__(self, directory, formatter: RowFormatter):
+    def __init__(self, directory, formatter: RowFormatter, flag="--comal.pairs_dir"):
         if not os.path.isdir(directory):
-            raise DataError(f"--comal.pairs_dir {directory}: no such directory")
+            raise DataError(f"{flag} {directory}: no such directory")
         self.directory = directory
         self.formatter = formatter
+        self.flag = flag
         found = sorted(int(m.group(1)) for m in map(self.PATTERN.match, os.listdir(directory)) if m)
         if not found:
-            raise DataError(f"--comal.pairs_dir {directory}: no iter_NNN.jsonl files")
+            raise DataError(f"{flag} {directory}: no iter_NNN.jsonl files")
         if found != list(range(len(found))):
-            raise DataError(
-                f"--comal.pairs_dir {directory}: files must be iter_000.jsonl .. without gaps, found {found}"
-            )
+            raise DataError(f"{flag} {directory}: files must be iter_000.jsonl .. without gaps, found {found}")
         self.num_iterations = len(found)
 
     def describe(self):
@@ -391,7 +414,7 @@ class OfflineSource(IterationSource):
         before training, not after hours of it."""
         if iterations > self.num_iterations:
             raise PlanError(
-                f"--comal.iterations {iterations} needs {iterations} files, but --comal.pairs_dir {self.directory} "
+                f"--comal.iterations {iterations} needs {iterations} files, but {self.flag} {self.directory} "
                 f"has {self.num_iterations} (iter_000.jsonl .. iter_{self.num_iterations - 1:03d}.jsonl)"
             )
         limit = self.formatter.max_chars
@@ -420,6 +443,21 @@ class OfflineSource(IterationSource):
             if p
         ]
         return pairs, {"source": path, "skips": skips}
+
+
+class FixedPairs(IterationSource):
+    """The same already formatted pairs in every iteration (the held-out pairs of a static source)."""
+
+    name = "fixed"
+
+    def __init__(self, pairs, label):
+        self._pairs, self.label = list(pairs), label
+
+    def describe(self):
+        return f"fixed ({self.label}, {len(self._pairs)} pairs)"
+
+    def pairs(self, k, policy=None):
+        return list(self._pairs), {"source": self.label}
 
 
 class StaticSource(IterationSource):
@@ -470,6 +508,8 @@ class PairDataset(torch.utils.data.Dataset):
             [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
         )
         datasets.disable_progress_bars()
+        self.tokenizer, self.prompts = tokenizer, [p.prompt for p in pairs]
+        self.empty = [(p.chosen == EMPTY, p.rejected == EMPTY) for p in pairs]
         self.inner = RewardDataset(table, tokenizer, max_len, plain, is_dpo=True, num_processors=1)
         if len(self.inner) != len(pairs):  # RowFormatter applies the same length rule, so this cannot differ
             raise RuntimeError(f"RewardDataset kept {len(self.inner)} of {len(pairs)} pre-checked pairs")
@@ -478,7 +518,19 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.inner)
 
     def __getitem__(self, i):
-        return (*self.inner[i], i)
+        item = list(self.inner[i])
+        for side in (0, 2):  # chosen, rejected
+            if self.empty[i][side // 2]:
+                item[side], item[side + 1] = self._prompt_then_eos(i)
+        return (*item, i)
+
+    def _prompt_then_eos(self, i):
+        """The empty response: the prompt's own tokens, then EOS. RewardDataset would strip the prompt's trailing
+        newline (it strips the joined text), so a prompt ending in one would lose a token and the response mask,
+        which starts at the prompt's length, would cover nothing: log pi(empty) would read 0."""
+        ids = self.tokenizer(self.prompts[i], add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        ids = torch.tensor([ids], dtype=torch.long)
+        return ids, torch.ones_like(ids)
 
     def collate_fn(self, items):
         batch = self.inner.collate_fn([it[:-1] for it in items])

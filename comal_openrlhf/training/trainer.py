@@ -4,13 +4,18 @@ One iteration k, each stage a method of ``COMALTrainer`` named after its step:
 
 1. ``collect_pairs``   sample responses from mu_k and judge them, or read the iteration's pairs (the source);
 2. ``precompute``      the iteration record: the pairs with log mu_k(y) and log ref(y) of every response, computed
-                       once (OpenRLHF's DPOTrainer recomputes the reference at every step; here neither is);
+                       once (OpenRLHF's DPOTrainer recomputes the reference at every step; here neither is); with
+                       ``--comal.keep_best`` also the iteration's held-out pairs (sampled from mu_k and judged, or
+                       read) with the same cache;
 3. ``train``           ``--train.max_epochs`` passes of the prox loss around log C = (1 - r) log mu_k + r log ref
-                       (comal_openrlhf.losses: the prox step mu_k+1 ~ mu_k^(1-r) ref^r exp(P(y > mu_k)/beta)), with a
-                       fresh optimizer state and learning-rate schedule: each iteration is its own prox problem;
-4. ``evaluate``        the held-out prox loss with the anchor as centre (``--eval.dataset``);
-5. ``keep_best``       at the end of a round, with ``--comal.keep_best``, the policy returns to the round's iterate
-                       with the lowest held-out loss (the official pipeline kept its best checkpoint);
+                       (comal_openrlhf.core.losses: the prox step mu_k+1 ~ mu_k^(1-r) ref^r exp(P(y > mu_k)/beta)),
+                       with a fresh optimizer state and learning-rate schedule: each iteration is its own prox problem.
+                       ``keep_best`` (the official model selection) scores the held-out prox loss around the same
+                       centre at every epoch end and every ``--eval.steps`` steps and ends the iteration with the
+                       best-scoring weights;
+4. ``evaluate``        the held-out prox loss with the anchor as centre (``--eval.dataset`` pairs);
+5. ``round_rollback``  at the end of a round, with ``--comal.round_rollback``, the policy returns to the round's
+                       iterate with the lowest stage-4 loss (not the official selection; named for what it does);
 6. ``advance_if_due``  every K iterations the anchor takes the policy's weights, ref <- pi (ZeRO-3 safe);
 7. ``checkpoint``      the history line and a DeepSpeed checkpoint whose client state restores the loop.
 
@@ -41,13 +46,15 @@ from openrlhf.trainer.dpo_trainer import DPOTrainer
 from tqdm import tqdm
 from transformers.trainer import get_scheduler
 
-from comal_openrlhf.data import PairDataset
+from comal_openrlhf.core.losses import NEEDS_WIN_RATES, ProxLoss
+from comal_openrlhf.core.record import IterationRecord
+from comal_openrlhf.core.schedule import plan_differences
 from comal_openrlhf.errors import BadInputError, NonFiniteLossError, PlanError, StorageError
-from comal_openrlhf.logps import pair_logps
-from comal_openrlhf.losses import NEEDS_WIN_RATES, ProxLoss
-from comal_openrlhf.record import IterationRecord
-from comal_openrlhf.schedule import plan_differences
+from comal_openrlhf.eval.winrate import winrate
+from comal_openrlhf.rollout.sampling import generate
 from comal_openrlhf.storage import append_lines, guarded, publish_dir, save_torch, write_atomic, write_json
+from comal_openrlhf.training.data import PairDataset
+from comal_openrlhf.training.logps import pair_logps, pair_logps_both
 from comal_openrlhf.weights import copy_weights, load_weights, state_dict_on_rank0
 
 ADVANCE_TOLERANCE = 1e-3  # policy vs anchor sequence log-probs right after ref <- pi (bf16 forwards, same weights)
@@ -62,7 +69,9 @@ class TrainerSettings:
     policy_weighting: bool = False  # --rollout.pair_weighting policy
     mass_coef: float = 0.0
     keep_optimizer_state: bool = False
-    keep_best: bool = False
+    keep_best: bool = False  # the official per-iteration selection on held-out pairs (stage 3)
+    round_rollback: bool = False  # the round-level rollback on --eval.dataset (stage 5)
+    eval_steps: int = -1  # --eval.steps: keep_best also scores every this many optimizer steps (epoch ends always)
     batch_unit: str = "pairs"  # what --train.batch_size counts: "pairs" (OpenRLHF) or "prompts" (see accumulation)
 
 
@@ -144,6 +153,7 @@ class COMALTrainer(DPOTrainer):
         eval_dataset=None,
         run_dir=None,
         winrate_probe=None,
+        heldout_source=None,
     ):
         super().__init__(
             model=model,
@@ -168,6 +178,8 @@ class COMALTrainer(DPOTrainer):
         self.eval_dataset = eval_dataset
         self.run_dir = run_dir
         self.winrate_probe = winrate_probe
+        self.heldout_source = heldout_source  # held-out pairs per iteration for keep_best (None without it)
+        self.heldout = None  # (dataset, record with mu_k / anchor log-probs) of the current iteration
         self.loss_fn = ProxLoss(plan.prox, plan.beta_at(0), plan.ref_weight, args.model.label_smoothing)
         # what a resume must find unchanged: the algorithm's settings, the source of the pairs and the judge
         self.run_settings = {**plan.as_dict(), "source": source.describe()}
@@ -182,7 +194,8 @@ class COMALTrainer(DPOTrainer):
         self.global_step = 0
         self.anchor_version = 0
         self.history = []
-        self.best = None  # (eval loss, iteration) of the kept iterate of the current round
+        self.best = None  # (eval loss, iteration) of the kept iterate of the current round (round_rollback)
+        self.best_in_iter = None  # {"loss", "step", "checks"} of keep_best inside the current iteration
         self._resumed = None  # (record, stats) of the iteration being resumed
         self._dataset_cache = (None, None)
         self._last_good_tag = _read_latest(args.ckpt.path)  # the checkpoint a resume would load now
@@ -220,9 +233,16 @@ class COMALTrainer(DPOTrainer):
         """(chosen sum, rejected sum, chosen mean) sequence log-probs of a batch under the policy or the anchor."""
         return pair_logps(actor, batch, self.tokenizer.pad_token_id, self.settings.logps_kernel)
 
-    def _loader(self, dataset, shuffle, epoch=0, consumed=0):
+    def _loader(self, dataset, shuffle, epoch=0, consumed=0, batch_size=None):
+        """Each rank's shard of ``dataset`` (OpenRLHF's DistributedSampler, padded to a whole number of rows per rank)
+        in micro-batches of ``batch_size`` (default: --train.micro_batch_size)."""
         loader = self.strategy.setup_dataloader(
-            dataset, self.args.train.micro_batch_size, False, shuffle, dataset.collate_fn, drop_last=False
+            dataset,
+            batch_size or self.args.train.micro_batch_size,
+            False,
+            shuffle,
+            dataset.collate_fn,
+            drop_last=False,
         )
         loader.sampler.set_epoch(epoch, consumed_samples=consumed)
         return loader
@@ -243,14 +263,14 @@ class COMALTrainer(DPOTrainer):
             self.iteration = k
             self.loss_fn.beta = self.plan.beta_at(k)
             if self._resumed is not None:
-                record, stats = self._resumed
+                record, stats, self.heldout = self._resumed
                 self._resumed = None
             else:
                 pairs, stats = self.collect_pairs(k)
                 record = self.precompute(k, pairs, stats) if pairs else None
             logs = self.train(k, record) if record is not None else {}
             logs.update(self.evaluate())
-            logs.update(self.keep_best(k, logs))
+            logs.update(self.round_rollback(k, logs))
             advanced, advance_err = self.advance_if_due(k, record)
             self.checkpoint(k, record, logs, stats, advanced, advance_err, t0)
             bar.set_postfix(loss=logs.get("loss", float("nan")))
@@ -281,10 +301,6 @@ class COMALTrainer(DPOTrainer):
             self.strategy.print(
                 f"[comal] iteration {k}: no prompt has 2 distinct valid samples; iteration skipped (policy unchanged)"
             )
-        if self.plan.prox in NEEDS_WIN_RATES and any(
-            math.isnan(p.chosen_winrate) or math.isnan(p.rejected_winrate) for p in pairs
-        ):
-            raise BadInputError(f"iteration {k}: the {self.plan.prox} loss needs win rates for every pair")
         return pairs, stats
 
     # -------------------------------------------------- stage 2: the record
@@ -295,16 +311,52 @@ class COMALTrainer(DPOTrainer):
         record is saved beside the checkpoints so a resume inside iteration k trains on the same pairs and cache."""
         t0 = time.time()
         record = IterationRecord.from_pairs(pairs)
-        dataset = self._dataset(record.pairs)
+        if self.plan.prox in NEEDS_WIN_RATES and not record.has_winrates:
+            raise BadInputError(f"iteration {k}: the {self.plan.prox} loss needs win rates for every pair")
+        record = self._cached(record, self._dataset(record.pairs), "Precompute log-probs")
+        if self.settings.policy_weighting:
+            record = record.with_weights(policy_weights(record))
+        self.heldout = self._heldout_pairs(k, stats) if self.heldout_source is not None else None
+        stats["precompute_s"] = round(time.time() - t0, 3)
+        if self.strategy.is_rank_0():
+            os.makedirs(self.state_dir, exist_ok=True)
+            heldout = self.heldout[1].state_dict() if self.heldout is not None else None
+            save_torch({"record": record.state_dict(), "stats": stats, "heldout": heldout}, self.iter_state_path(k))
+            old = self.iter_state_path(k - 1)
+            if os.path.exists(old):
+                os.remove(old)
+        return record
+
+    def _heldout_pairs(self, k, stats):
+        """keep_best's held-out pairs of iteration k (sampled from mu_k and judged, or read) with their mu_k and
+        anchor log-probs; None when the iteration gave none (the selection is then skipped, and said)."""
+        pairs, hstats = self.heldout_source.pairs(k, self.model)
+        stats["heldout_pairs"] = len(pairs)
+        if not pairs:
+            self.strategy.print(
+                f"[comal] iteration {k}: no held-out pairs ({hstats.get('source')}); keep_best skipped"
+            )
+            return None
+        record = IterationRecord.from_pairs(pairs)
+        dataset = PairDataset(record.pairs, self.tokenizer, self.args.data.max_len)
+        return dataset, self._cached(record, dataset, "Held-out log-probs")
+
+    @torch.no_grad()
+    def _cached(self, record, dataset, desc):
+        """``record`` with log mu_k (the policy now) and log ref of every pair, one pass; each rank computes its shard
+        and the shards are gathered so every rank holds the whole record. Both models run on each micro-batch of
+        --comal.precompute_batch_size pairs and one call reads both logits (``pair_logps_both``); the log-probs stay on
+        the device until the pass ends (no host round trip per batch). The sampler gives each rank the same shard
+        whatever the batch size, so the record does not depend on it."""
         self.model.eval()
         idx, vals = [], []
-        loader = self._loader(dataset, shuffle=False)
-        for batch in tqdm(loader, desc="Precompute log-probs", disable=not self.strategy.is_rank_0(), leave=False):
-            mu_w, mu_l, _ = self._logps(self.model, batch)
-            ref_w, ref_l, _ = self._logps(self.ref_model, batch)
+        loader = self._loader(dataset, shuffle=False, batch_size=self._precompute_batch_size())
+        pad = self.tokenizer.pad_token_id
+        for batch in tqdm(loader, desc=desc, disable=not self.strategy.is_rank_0(), leave=False):
+            mu_and_ref = pair_logps_both(self.model, self.ref_model, batch, pad, self.settings.logps_kernel)
             idx.append(batch[-1])
-            vals.append(torch.stack([mu_w, mu_l, ref_w, ref_l]).float().cpu())
-        mine = (torch.cat(idx), torch.cat(vals, 1)) if idx else (torch.empty(0, dtype=torch.long), None)
+            vals.append(torch.stack(mu_and_ref).float())
+        mine = (torch.cat(idx), torch.cat(vals, 1).cpu()) if idx else (torch.empty(0, dtype=torch.long), None)
         parts = [mine]
         if self.world > 1:
             parts = [None] * self.world
@@ -316,17 +368,16 @@ class COMALTrainer(DPOTrainer):
         if torch.isnan(logps).any():
             raise RuntimeError("precompute left pairs without log-probs (the sampler did not cover the dataset)")
         self.model.train()
-        record = record.with_logps(*logps)
-        if self.settings.policy_weighting:
-            record = record.with_weights(policy_weights(record))
-        stats["precompute_s"] = round(time.time() - t0, 3)
-        if self.strategy.is_rank_0():
-            os.makedirs(self.state_dir, exist_ok=True)
-            save_torch({"record": record.state_dict(), "stats": stats}, self.iter_state_path(k))
-            old = self.iter_state_path(k - 1)
-            if os.path.exists(old):
-                os.remove(old)
-        return record
+        return record.with_logps(*logps)
+
+    def _precompute_batch_size(self):
+        """--comal.precompute_batch_size, default --train.micro_batch_size."""
+        size = getattr(getattr(self.args, "comal", None), "precompute_batch_size", None)
+        if size is None:
+            return self.args.train.micro_batch_size
+        if not (isinstance(size, int) and size >= 1):
+            raise PlanError(f"--comal.precompute_batch_size {size}: must be an integer >= 1")
+        return size
 
     # ------------------------------------------------------- stage 3: train
     def _restart_schedule(self, steps, done=0):
@@ -364,8 +415,10 @@ class COMALTrainer(DPOTrainer):
         per_pass = len(self._loader(dataset, shuffle=True))
         self._set_accumulation(self.accumulation(record, per_pass))
         micro_total = math.ceil(per_pass * self.epochs / self.grad_accum) * self.grad_accum
-        if self.micro_step == 0 and not self.settings.keep_optimizer_state:
-            reset_optimizer_state(self.optimizer)
+        if self.micro_step == 0:
+            self.best_in_iter = None
+            if not self.settings.keep_optimizer_state:
+                reset_optimizer_state(self.optimizer)
         self._restart_schedule(micro_total // self.grad_accum, self.micro_step // self.grad_accum)
         bar = tqdm(
             total=micro_total,
@@ -390,11 +443,70 @@ class COMALTrainer(DPOTrainer):
                 bar.update()
                 if self.micro_step % self.grad_accum == 0:
                     self._after_optimizer_step(k, logs, bar, micro_total)
+                    self._select_if_due(k, per_pass, micro_total)
         bar.close()
         out = {n: v / max(count, 1) for n, v in sums.items()}
         out["steps"] = micro_total // self.grad_accum
         out["optimizer_steps_in_state"] = optimizer_steps_in_state(self.optimizer)
+        out.update(self._keep_best_weights(k, micro_total // self.grad_accum))
         return out
+
+    # ------------------------------------------- stage 3b: the official model selection
+    def _select_if_due(self, k, per_pass, micro_total):
+        """keep_best: after an optimizer step that ends an epoch (or the iteration), or every --eval.steps steps,
+        score the policy by the held-out prox loss around this iteration's centre; the best weights are saved
+        (state_dir/best_of_iteration.pt) with their step and loss."""
+        if not self.settings.keep_best or self.heldout is None:
+            return
+        step = self.micro_step // self.grad_accum
+        prev = self.micro_step - self.grad_accum
+        epoch_end = self.micro_step // per_pass > prev // per_pass or self.micro_step == micro_total
+        every = self.settings.eval_steps
+        if not (epoch_end or (every > 0 and step % every == 0)):
+            return
+        loss = self._heldout_loss(*self.heldout, centre="prox")["loss"]
+        best = self.best_in_iter or {"loss": math.inf, "step": None, "checks": 0}
+        best["checks"] += 1
+        best["last_loss"], best["last_step"] = loss, step
+        if loss < best["loss"]:
+            best["loss"], best["step"] = loss, step
+            state = state_dict_on_rank0(self.model)
+            if self.strategy.is_rank_0():
+                os.makedirs(self.state_dir, exist_ok=True)
+                save_torch({"iteration": k, "step": step, "state": state}, self.best_path)
+            if dist.is_initialized():
+                dist.barrier()
+        self.best_in_iter = best
+        self._log("heldout", {"prox_loss": loss, "iteration": k, "step_in_iteration": step}, self.global_step)
+
+    def _keep_best_weights(self, k, last_step):
+        """End of a keep_best iteration: the policy takes the best-scoring weights (so they become mu_k+1)."""
+        best = self.best_in_iter
+        if not self.settings.keep_best or best is None or best["step"] is None:
+            return {}
+        if best["step"] != last_step:
+            if dist.is_initialized():
+                dist.barrier()
+            saved = torch.load(self.best_path, map_location="cpu", weights_only=True)
+            if saved["iteration"] != k or saved["step"] != best["step"]:
+                raise PlanError(
+                    f"{self.best_path} holds iteration {saved['iteration']} step {saved['step']}, "
+                    f"not the kept iteration {k} step {best['step']}"
+                )
+            load_weights(self.model, saved["state"])
+            refresh = getattr(self.optimizer, "refresh_fp32_params", None)
+            if refresh is not None:  # DeepSpeed keeps fp32 master weights beside the bf16 module
+                refresh()
+            self.strategy.print(
+                f"[comal] iteration {k}: keeping step {best['step']} of {last_step} (held-out prox loss "
+                f"{best['loss']:.6g}, last {best['last_loss']:.6g})"
+            )
+        return {
+            "kept_step": best["step"],
+            "kept_heldout_loss": best["loss"],
+            "last_heldout_loss": best["last_loss"],
+            "heldout_checks": best["checks"],
+        }
 
     def accumulation(self, record, per_pass):
         """Micro-batches per optimizer step for this iteration.
@@ -473,29 +585,27 @@ class COMALTrainer(DPOTrainer):
         Returns {} without an eval dataset."""
         if self.eval_dataset is None:
             return {}
-        logs = self._heldout_loss()
+        held = self._heldout_loss(*self.eval_dataset)
+        logs = {"eval_loss": held["loss"], "eval_accuracy": held["accuracy"]}
         if self.winrate_probe is not None and self.winrate_probe.due(self.iteration):
             logs.update(self.winrate_probe(self))
         self._log("eval", logs, self.iteration)
         return logs
 
     @torch.no_grad()
-    def _heldout_loss(self):
-        dataset, record = self.eval_dataset
+    def _heldout_loss(self, dataset, record, centre="anchor"):
+        """The weighted mean prox loss on held-out pairs and the share with a positive margin. ``centre`` "anchor":
+        log C = log ref (the anchor's log-probs computed now; stage 4); "prox": the record's cached log mu_k and log
+        ref, i.e. the iteration's own centre (1 - r) log mu_k + r log ref (keep_best)."""
         self.model.eval()
         loss_sum, hits, n = 0.0, 0.0, 0
-        desc = f"Eval after iteration {self.iteration}"
+        desc = f"Held-out loss, iteration {self.iteration}"
         for batch in tqdm(self._loader(dataset, False), desc=desc, disable=not self.strategy.is_rank_0(), leave=False):
             pw, pl, _ = self._logps(self.model, batch)
-            rw, rl, _ = self._logps(self.ref_model, batch)
-            # the anchor as the centre: log mu := log ref, so log C = log ref for every r
-            pb = replace(
-                record.batch(batch[-1]).to(pw.device),
-                logp_mu_chosen=rw,
-                logp_mu_rejected=rl,
-                logp_ref_chosen=rw,
-                logp_ref_rejected=rl,
-            )
+            pb = record.batch(batch[-1]).to(pw.device)
+            if centre == "anchor":  # log mu := log ref, so log C = log ref for every r
+                rw, rl, _ = self._logps(self.ref_model, batch)
+                pb = replace(pb, logp_mu_chosen=rw, logp_mu_rejected=rl, logp_ref_chosen=rw, logp_ref_rejected=rl)
             loss, cr, rr = self.loss_fn(pw, pl, pb, reduction_size=1)
             loss_sum += loss.item()
             hits += (cr > rr).float().sum().item()
@@ -503,13 +613,14 @@ class COMALTrainer(DPOTrainer):
         self.model.train()
         totals = self.strategy.all_reduce({"loss": loss_sum, "hits": hits, "n": float(n)}, op="sum")
         n = max(totals["n"], 1)
-        return {"eval_loss": totals["loss"] / n, "eval_accuracy": totals["hits"] / n}
+        return {"loss": totals["loss"] / n, "accuracy": totals["hits"] / n}
 
-    # --------------------------------------------------- stage 5: keep best
-    def keep_best(self, k, logs):
-        """With ``--comal.keep_best``: remember the round's iterate with the lowest held-out prox loss, and at the
-        round's end load it into the policy (so it becomes mu_{k+1} and, at an advance, the anchor)."""
-        if not self.settings.keep_best:
+    # --------------------------------------------------- stage 5: round rollback
+    def round_rollback(self, k, logs):
+        """With ``--comal.round_rollback``: remember the round's iterate with the lowest anchor-centred held-out loss
+        on --eval.dataset, and at the round's end load it into the policy (so it becomes mu_{k+1} and, at an advance,
+        the anchor). Not the official selection (that is keep_best, inside each iteration)."""
+        if not self.settings.round_rollback:
             return {}
         loss = logs["eval_loss"]
         path = os.path.join(self.state_dir, "best_of_round.pt")
@@ -610,6 +721,7 @@ class COMALTrainer(DPOTrainer):
                 "history": self.history,
                 "plan": self.run_settings,
                 "best": self.best,
+                "best_in_iteration": self.best_in_iter,
                 "rng": _rng_state(),
             },
         }
@@ -683,6 +795,10 @@ class COMALTrainer(DPOTrainer):
     def anchor_path(self, version):
         return os.path.join(self.state_dir, f"anchor_v{version:03d}.pt")
 
+    @property
+    def best_path(self):
+        return os.path.join(self.state_dir, "best_of_iteration.pt")
+
     def iter_state_path(self, k):
         return os.path.join(self.state_dir, f"iter_{k:03d}.pt")
 
@@ -713,6 +829,7 @@ class COMALTrainer(DPOTrainer):
         self.anchor_version = comal["anchor_version"]
         self.history = comal["history"]
         self.best = comal.get("best")
+        self.best_in_iter = comal.get("best_in_iteration")
         if diffs:
             self.history.append(
                 {"plan_change_at_iteration": self.iteration, "changes": {n: [o, v] for n, o, v in diffs}}
@@ -730,7 +847,11 @@ class COMALTrainer(DPOTrainer):
             saved = torch.load(path, map_location="cpu", weights_only=True)
             record = IterationRecord.from_state_dict(saved["record"])
             self._check_anchor(record)
-            self._resumed = (record, saved["stats"])
+            heldout = None
+            if saved.get("heldout") is not None:
+                hrecord = IterationRecord.from_state_dict(saved["heldout"])
+                heldout = (PairDataset(hrecord.pairs, self.tokenizer, self.args.data.max_len), hrecord)
+            self._resumed = (record, saved["stats"], heldout)
         if self.strategy.is_rank_0():  # the log holds exactly the finished iterations of this checkpoint
             os.makedirs(os.path.dirname(self.history_path) or ".", exist_ok=True)
             write_atomic(self.history_path, "".join(json.dumps(h) + "\n" for h in self.history))
@@ -762,7 +883,7 @@ def eval_record(pairs) -> IterationRecord:
 
 class WinrateProbe:
     """``--eval.winrate_every N``: every N iterations, the judge's win rate of the policy against the start policy
-    and against the current anchor on held-out prompts (``comal_openrlhf.evaluate.winrate``, bootstrap interval
+    and against the current anchor on held-out prompts (``comal_openrlhf.eval.winrate.winrate``, bootstrap interval
     over prompts). The start policy's samples are drawn once, before any training, and kept beside the checkpoints
     (a resumed run reuses them). Every rank samples (ZeRO-3 forwards are collective); rank 0 judges and the result
     is broadcast."""
@@ -782,8 +903,6 @@ class WinrateProbe:
         return (k + 1) % self.every == 0
 
     def _generate(self, trainer, actor):
-        from comal_openrlhf.sampling import generate
-
         zero3 = getattr(trainer.args.ds, "zero_stage", 0) == 3 and dist.is_initialized()
         return generate(actor, trainer.tokenizer, self.prompts, self.n, synced_gpus=zero3, **self.sampling)
 
@@ -800,8 +919,6 @@ class WinrateProbe:
             write_json(path, self.start_samples)
 
     def __call__(self, trainer):
-        from comal_openrlhf.evaluate import winrate
-
         mine = self._generate(trainer, trainer.model)
         anchor = self._generate(trainer, trainer.ref_model)
         box = [None]

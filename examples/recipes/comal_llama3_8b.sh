@@ -7,7 +7,7 @@
 # of 3,000 pairs), about 30 h for the 18 iterations: an estimate, not measured (no GPU run of this recipe yet).
 # Setting: 18 iterations in 3 rounds of 6 (the reference advances every 6), beta 0.002 in round 1 then 0.1,
 # r = eta * tau = 1/3, oracle = 1/2 Skywork-Reward-Llama-3.1-8B-v0.2 + 1/2 ArmoRM-Llama3-8B-v0.1, pairs: top2 (the
-# official code's best vs second best; all_soft is the theory-faithful choice, see the README).
+# official code's best vs second best; all_soft is the theory-faithful choice, see docs/guarantees.md).
 # Paper's numbers to compare with (head-to-head win rate %, row COMAL, oracle judge): vs BASE 90.43, IPO 78.39,
 # DPO 78.63, Iter-IPO 60.25, INPO 64.22; average over 8 systems 71.37 (Iter-IPO best checkpoint 66.93, INPO 63.44).
 # Then: examples/recipes/evaluate_llama3_8b.sh.

@@ -23,19 +23,19 @@ for ((k = 0; k < ITERATIONS; k++)); do
     POLICY=$BASE
     if ((k > 0)); then POLICY=$RUN/final; fi
     for ((i = 0; i < SHARDS; i++)); do
-        run env CUDA_VISIBLE_DEVICES=$i python -m comal_openrlhf.generate --model.model_name_or_path "$POLICY" \
+        run env CUDA_VISIBLE_DEVICES=$i python -m comal_openrlhf.cli.generate --model.model_name_or_path "$POLICY" \
             --policy_id "iter_$k" --iteration "$k" --rollout.prompts_per_iteration 3000 --shard "$i/$SHARDS" \
             "${ROLLOUT[@]}" "${DATA[@]}" --data.max_len 2048 --train.seed "$SEED" \
             --output "$RUN/samples/iter_$k.shard$i.jsonl" &
     done
     wait
     for ((i = 0; i < SHARDS; i++)); do
-        run env CUDA_VISIBLE_DEVICES=$i python -m comal_openrlhf.judge --samples "$RUN/samples/iter_$k.shard*.jsonl" \
+        run env CUDA_VISIBLE_DEVICES=$i python -m comal_openrlhf.cli.judge --samples "$RUN/samples/iter_$k.shard*.jsonl" \
             --iteration "$k" --shard "$i/$SHARDS" --out_dir "$RUN/pairs" --rollout.pair_rule top2 \
             --judge.kind mixture --judge.mixture "$ORACLE" --judge.device cuda:0 --train.seed "$SEED" &
     done
     wait
-    run python -m comal_openrlhf.judge --merge --iteration "$k" --out_dir "$RUN/pairs"
+    run python -m comal_openrlhf.cli.judge --merge --iteration "$k" --out_dir "$RUN/pairs"
     run deepspeed --num_gpus 8 --module openrlhf.cli.train_comal \
         --model.model_name_or_path "$BASE" --comal.pairs_dir "$RUN/pairs" --comal.iterations $((k + 1)) \
         --comal.algo comal --comal.ref_update_interval 6 --comal.round_length 6 --comal.ref_weight 0.3333333333 \

@@ -14,7 +14,7 @@ source "$(dirname "$0")/common.sh"
 
 BASE=${BASE:-meta-llama/Meta-Llama-3-8B-Instruct}
 
-run python -m comal_openrlhf.evaluate \
+run python -m comal_openrlhf.cli.evaluate \
     --policies base="$BASE" comal="$OUT/comal_llama3_8b/final" inpo="$OUT/inpo_llama3_8b/final" \
     iter-ipo="$OUT/iter-ipo_llama3_8b/final" iter-dpo="$OUT/iter-dpo_llama3_8b/final" \
     --data.dataset "$PROMPTS" --data.dataset_split "$EVAL_PROMPTS_SPLIT" --data.prompt_key prompt \
