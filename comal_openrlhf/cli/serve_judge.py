@@ -29,6 +29,8 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from comal_openrlhf.cli.common import run_command
+from comal_openrlhf.errors import PlanError
 from comal_openrlhf.judges import JudgeError, add_judge_args, build_judge
 
 MAX_BODY_BYTES = 256 * 1024 * 1024
@@ -220,27 +222,22 @@ def main(argv=None):
     parser.add_argument("--backlog", type=int, default=BACKLOG, help="Pending connections the socket holds")
     parser.add_argument("--log_level", default="info", help="uvicorn log level (fastapi backend)")
     args = parser.parse_args(argv)
+    run_command(lambda: _serve(args))  # a typed error (a bad judge, a port in use): one line, exit 2
+
+
+def _serve(args):
     backend = args.backend
     if backend == "auto":
         backend = "fastapi" if fastapi_available() else "stdlib"
     elif backend == "fastapi" and not fastapi_available():
-        _fail("--backend fastapi needs FastAPI and uvicorn: pip install 'comal-openrlhf[serve]'")
+        raise PlanError("--backend fastapi needs FastAPI and uvicorn: pip install 'comal-openrlhf[serve]'")
     judge_cfg = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("judge.")}
-    try:
-        judge = build_judge(judge_cfg)
-    except JudgeError as e:
-        _fail(str(e))
+    judge = build_judge(judge_cfg)
     try:
         served = _start(backend, judge, args)
     except OSError as e:  # e.g. the port is taken
-        _fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+        raise PlanError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     served()
-
-
-def _fail(message):
-    """One error line and exit status 2, as every command of the project."""
-    print(f"[comal] error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
 
 
 def _start(backend, judge, args):
