@@ -7,6 +7,7 @@ with the duality gap of the last iterate.
     python -m comal_openrlhf.cli.game --mode loss --prox rebel --iters 1000
     python -m comal_openrlhf.cli.game --pairs top2 --samples 5 --ref-every 50 --iters 600   # loss mode implied
     python -m comal_openrlhf.cli.game --matrix my_game.json --plot gap.png
+    python -m comal_openrlhf.cli.game --algo omwu --tau 0                 # optimistic MWU (ONPO) on the game itself
 """
 
 import argparse
@@ -73,7 +74,9 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=5000, help="inner steps")
     ap.add_argument("--eta", type=float, default=1.0, help="step size (beta = 1/eta)")
     ap.add_argument("--tau", type=float, default=0.1, help="KL strength towards the reference (r = eta*tau)")
-    ap.add_argument("--ref-every", type=int, default=200, help="COMAL: advance the reference every K steps")
+    ap.add_argument(
+        "--ref-every", type=int, default=200, help="comal, mmd: advance the reference (magnet) every K steps"
+    )
     ap.add_argument("--init", default=None, help="start policy p1,p2,... (default uniform; normalised)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--plot", default=None, metavar="FILE.png", help="save the duality gap vs iteration")
@@ -126,6 +129,7 @@ def _main(args, emit):
     print(f"  policy       {fmt(result['policy'])}")
     print(f"  Nash (LP)    {fmt(result['nash'])}")
     print(f"  duality gap  {result['duality_gap']:.3e}   KL(nash||policy) {result['kl_to_nash']:.3e}")
+    print(f"  average iterate's duality gap {result['average_duality_gap']:.3e}")
     if args.sample_temperature != 1.0:
         print(f"  sampled at T={args.sample_temperature}: its duality gap {result['sampled_duality_gap']:.3e}")
     if result["mc_stderr"] is not None:
