@@ -24,6 +24,13 @@ from comal_openrlhf.core.game import (
     sample_sets,
     solve_nash,
 )
+from comal_openrlhf.core.game_bench import (
+    bench_games,
+    full_support_game,
+    small_support_game,
+    steps_to,
+    verdict,
+)
 from comal_openrlhf.core.judging import TableJudge
 from comal_openrlhf.core.matrix import MatrixError, load_matrix
 from comal_openrlhf.core.pairs import EMPTY, build_pairs
@@ -643,7 +650,105 @@ def test_average_iterate_is_recorded():
     assert res["average_duality_gap"] == res["average_gaps"][-1][1] and len(res["average_gaps"]) == 5
 
 
+# ---- generated games: the claimed Nash support -------------------------------------------------------------------
+
+
+def check_game(P):
+    assert np.all((P >= 0) & (P <= 1)) and np.allclose(P + P.T, 1.0, atol=1e-15)
+    assert np.abs(P - 0.5).max() == pytest.approx(0.5)  # scaled to span [0, 1]
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 8, 11, 20])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_full_support_games_have_their_full_support_nash(n, seed):
+    P, p = full_support_game(n, np.random.default_rng(seed))
+    check_game(P)
+    assert np.all(p >= 1 / (3 * n) - 1e-15) and np.all(p <= 3 / n) and p.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(P @ p, 0.5, atol=1e-14)  # every option wins exactly 1/2 against p*: gap 0
+    lp = solve_nash(P)
+    assert duality_gap(P, lp) < 1e-9
+    rank = np.linalg.matrix_rank(P - 0.5)
+    if n % 2:  # rank n - 1: p* is the only Nash, and the LP finds it
+        assert rank == n - 1
+        np.testing.assert_allclose(lp, p, atol=1e-7)
+    else:  # even rank n - 2: a segment of Nash equilibria through p*
+        assert rank == n - 2
+
+
+@pytest.mark.parametrize("n,m", [(3, 1), (6, 3), (12, 5), (20, 7), (20, 1)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_small_support_games_have_their_small_support_nash(n, m, seed):
+    P, p = small_support_game(n, m, np.random.default_rng(seed))
+    check_game(P)
+    assert np.all(p[:m] > 0) and np.all(p[m:] == 0)
+    wins = P @ p
+    np.testing.assert_allclose(wins[:m], 0.5, atol=1e-14)
+    assert wins[m:].max() < 0.5  # each dominated option loses to the Nash
+    np.testing.assert_allclose(solve_nash(P), p, atol=1e-7)  # unique: the LP returns it
+
+
+def test_small_support_with_an_even_subgame_has_no_full_support_nash():
+    # m = 4: the subgame's Nash set is a segment (rank 2); no Nash has full support, and the Nash is not unique
+    P, p = small_support_game(7, 4, np.random.default_rng(0))
+    assert np.linalg.matrix_rank(P[:4, :4] - 0.5) == 2
+    kernel = np.linalg.svd(P[:4, :4] - 0.5)[2][-2:]  # two directions with A v = 0
+    v = kernel[0] - kernel[0].sum() / kernel[1].sum() * kernel[1]  # sums to 0: p + t v stays a Nash
+    other = p.copy()
+    other[:4] += 0.5 * p[:4].min() / np.abs(v).max() * v
+    assert duality_gap(P, other) < 1e-12 and np.abs(other - p).max() > 1e-3
+    with pytest.raises(ValueError, match="m != 2"):
+        small_support_game(7, 2, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="n >= 3"):
+        full_support_game(2, np.random.default_rng(0))
+
+
+def test_bench_games_are_seeded_and_cover_the_families():
+    games = bench_games(5, seed=0)
+    assert [g["family"] for g in games] == ["paper"] + ["full-support"] * 5 + ["small-support"] * 5
+    assert [g["n"] for g in games[1:6]] == [3, 7, 12, 16, 20] == [g["n"] for g in games[6:]]
+    assert [g["support"] for g in games[6:]][0] == 1 and all(3 <= g["support"] <= g["n"] // 2 for g in games[7:])
+    again = bench_games(5, seed=0)
+    assert all(np.array_equal(a["P"], b["P"]) for a, b in zip(games, again))
+    assert not np.array_equal(bench_games(5, seed=1)[3]["P"], games[3]["P"])
+    for g in games:
+        assert duality_gap(g["P"], g["nash"]) < 1e-14 and g["support"] == int(np.sum(g["nash"] > 0))
+
+
+def test_steps_to_and_verdicts():
+    assert steps_to([0.1, 1e-4, 0.1, 1e-4, 1e-5], 1e-3) == 3  # reach and stay
+    assert (
+        steps_to([0.1, 1e-4], 1e-3) == 1 and steps_to([1e-4], 1e-3) == 0 and steps_to([0.1, 1e-4, 0.1], 1e-3) is None
+    )
+    k = np.arange(1, 2002, dtype=float)
+    assert verdict(1 / k, 1 / k)[0] == "last"
+    assert verdict(0.5**k, 1 / k)[0] == "last"  # at machine precision
+    assert verdict(0.3 + 0.2 * np.sin(k), 1 / np.sqrt(k))[0] == "average"  # a wandering last iterate
+    assert verdict(np.full(2001, 0.02), np.full(2001, 0.02))[0] == "neither"  # a regularised fixed point
+    assert verdict(0.5 / k, 1 / k)[0] == "last" and verdict(50 / k, 1 / k)[0] == "average"  # late gaps above 1e-2
+
+
 # ---- the documented failures, shown or refuted by a measured run --------------------------------------------------
+
+
+def test_omwu_last_iterate_converges_on_a_full_support_game():
+    P, p = full_support_game(5, np.random.default_rng(9))
+    res = run(P, "omwu", tau=0.0, iters=4000, record_every=1)
+    gaps = [g for _, g in res["gaps"]]
+    assert res["duality_gap"] < 1e-6  # measured 2.8e-7
+    assert max(gaps[3000:]) < max(gaps[1000:2000]) / 10  # still falling
+    assert res["average_duality_gap"] > 100 * res["duality_gap"]  # measured 7.9e-5: the average lags (O(1/T))
+    assert verdict(gaps, [g for _, g in res["average_gaps"]])[0] == "last"
+    assert kl(p, res["policy"]) < 1e-6
+
+
+def test_mwu_only_the_average_converges_on_a_full_support_game():
+    P, _ = full_support_game(5, np.random.default_rng(0))
+    res = run(P, "mwu", iters=3000, record_every=1)
+    assert min(g for k, g in res["gaps"] if k >= 1500) > 0.1  # measured: the last iterate wanders at 0.3-0.9
+    avg = dict((k, g) for k, g in res["average_gaps"])
+    assert avg[3000] < 0.8 * avg[1500]  # measured 8.8e-3 -> 5.8e-3
+    gaps, average = [g for _, g in res["gaps"]], [g for _, g in res["average_gaps"]]
+    assert verdict(gaps, average)[0] == "average"
 
 
 @pytest.mark.parametrize("algo", ["omwu", "extragradient", "mmd"])
@@ -675,3 +780,22 @@ def test_omwu_needs_a_small_step_and_its_average_does_not():
     assert run(P, "extragradient", tau=0.0, eta=4.0, iters=1000)["duality_gap"] < 1e-12
     eg = run(P, "extragradient", tau=0.0, eta=6.0, iters=2000, record_every=1)
     assert min(g for k, g in eg["gaps"] if k >= 1000) > 0.05
+
+
+def test_omwu_converges_without_a_full_support_nash_when_it_is_unique():
+    # refuted in the lab: OMWU's last iterate converges on the small-support games too (a unique Nash: the case of
+    # Wei et al., arXiv 2006.09517); the full-support condition belongs to the analysis of arXiv 2512.24818
+    P, p = small_support_game(7, 3, np.random.default_rng(1))
+    res = run(P, "omwu", tau=0.0, iters=4000)
+    assert res["duality_gap"] < 1e-9 and kl(p, res["policy"]) < 1e-9  # measured 4e-11 (seeds 0, 2: 1e-6, 6e-15)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("n", [7, 10])
+def test_omwu_converges_with_neither_full_support_nor_uniqueness(n, seed):
+    # m = 4: a segment of Nash equilibria, none with full support (outside both analyses). Measured: every run at
+    # <= 1e-13 by 20,000 steps (at 10,000: 4e-16 ... 6e-12), COMAL likewise (3.6e-14 ... 8.5e-10 at 20,000)
+    P, _ = small_support_game(n, 4, np.random.default_rng(seed))
+    res = run(P, "omwu", tau=0.0, iters=20000)
+    assert res["duality_gap"] < 1e-12
