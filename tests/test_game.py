@@ -27,6 +27,7 @@ from comal_openrlhf.core.game import (
 from comal_openrlhf.core.game_bench import (
     bench_games,
     full_support_game,
+    run_bench,
     small_support_game,
     steps_to,
     verdict,
@@ -799,3 +800,56 @@ def test_omwu_converges_with_neither_full_support_nor_uniqueness(n, seed):
     P, _ = small_support_game(n, 4, np.random.default_rng(seed))
     res = run(P, "omwu", tau=0.0, iters=20000)
     assert res["duality_gap"] < 1e-12
+
+
+# ---- the bench command -------------------------------------------------------------------------------------------
+
+
+def test_cli_bench_writes_the_table_the_page_and_the_plot(tmp_path, capsys):
+    page = tmp_path / "page.md"
+    page.write_text("intro\n<!-- game-bench:begin -->\nold table\n<!-- game-bench:end -->\nafter\n")
+    md, png = tmp_path / "t.md", tmp_path / "img" / "b.png"
+    argv = ["bench", "--games", "1", "--iters", "60", "--md", str(md), "--doc", str(page), "--plot", str(png)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    table = md.read_text()
+    assert table in out and "| paper | omwu, tau 0 |" in table and "| small-support | mmd, tau 0.1, K 200 |" in table
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + 3 * 9  # header + 3 x 9 runs
+    text = page.read_text()
+    assert text.startswith("intro\n<!-- game-bench:begin -->\n") and text.endswith("<!-- game-bench:end -->\nafter\n")
+    assert "old table" not in text and table in text
+    assert png.stat().st_size > 10000
+    assert main(argv[:5] + ["--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res["runs"]) == 27 and {"gap", "average_gap", "steps", "verdict"} <= res["runs"][0].keys()
+    assert (
+        res["runs"][0]["steps"].keys() == {"1e-03", "1e-06"} and not {"curve", "average_curve"} & res["runs"][0].keys()
+    )
+
+
+def test_cli_bench_errors_exit_2(tmp_path, capsys):
+    page = tmp_path / "page.md"
+    page.write_text("no markers here\n")
+    for argv in (["--games", "0"], ["--iters", "5"], ["--games", "1", "--iters", "20", "--doc", str(page)]):
+        assert main(["bench"] + argv) == 2
+        err = capsys.readouterr().err
+        assert "error: " in err and "Traceback" not in err
+    assert page.read_text() == "no markers here\n"
+
+
+@pytest.mark.integration
+def test_bench_default_families_measured():
+    # the figures docs/game-lab.md quotes (make game-bench: 10,000 steps, eta 1, tau 0.1, K 200, seed 0), on the paper
+    # game and two generated games of each family
+    games = [g for g in bench_games(5, 0) if g["name"] in ("paper", "full-support n=3", "small-support n=7 m=3")]
+    runs = {(r["game"], r["label"]): r for r in run_bench(games, iters=10000)}
+    paper = {lab: r for (game, lab), r in runs.items() if game == "paper"}
+    assert paper["comal, tau 0.1, K 200"]["steps"] == {1e-3: 1008, 1e-6: 2608}
+    assert paper["omwu, tau 0"]["steps"] == {1e-3: 180, 1e-6: 490}
+    assert paper["extragradient, tau 0"]["steps"] == {1e-3: 201, 1e-6: 523}
+    assert paper["mwu, tau 0"]["verdict"] == "average" and paper["inpo, tau 0.1"]["verdict"] == "neither"
+    for (game, lab), r in runs.items():
+        if lab.startswith(("comal", "mmd")) or lab in ("omwu, tau 0", "extragradient, tau 0"):
+            assert r["verdict"] == "last", (game, lab)
+        elif lab != "mwu, tau 0":
+            assert r["verdict"] == "neither", (game, lab)
