@@ -1,6 +1,6 @@
 # The two set-up commands of README.md: `make demo` (main job) and `make test` (whole suite). Both install first
 # (idempotent: scripts/install.sh skips when .venv matches pyproject.toml and the constraints).
-.PHONY: install demo test lint format game bench docs device-compat
+.PHONY: install demo test lint format game game-bench bench docs device-compat
 
 install:
 	bash scripts/install.sh
@@ -17,6 +17,11 @@ docs: install
 
 game: install
 	.venv/bin/python -m comal_openrlhf.cli.game --algo comal --init 0.6,0.3,0.1
+
+# Every Nash learner of the game lab on the paper's game and generated games (about 45 s on 2 cores): the table into
+# docs/game-lab.md between its game-bench markers, the plot into docs/img/game_bench.png.
+game-bench: install
+	.venv/bin/python -m comal_openrlhf.cli.game bench --plot docs/img/game_bench.png --doc docs/game-lab.md
 
 bench: install
 	.venv/bin/python benchmarks/kernels_bench.py

@@ -19,6 +19,38 @@ and they differ only in tau, the reference and the opponent:
              mixture m_k ~ mu_k^(1 - eta*tau) ref^(eta*tau), which is also the prox centre, so
              mu_{k+1} ~ m_k exp(eta * P(y > m_k)). Regularised like INPO: constant gap.
 
+The last-iterate learners of the other papers, on the same footing (the same prox centre C_k = mu_k^(1 - eta*tau)
+ref^(eta*tau), ref = the start policy unless said otherwise, the same eta and tau; tau = 0 is the unregularised game):
+
+    omwu     optimistic mirror descent / optimistic MWU (ONPO, Zhang et al., arXiv 2502.16852): the prox step with the
+             optimistic payoff g_k = 2 P(y > mu_k) - P(y > mu_{k-1}) (mu_{-1} = mu_0, so the first step is MWU's):
+                 mu_{k+1} ~ C_k exp(eta * g_k).
+             With entropy this one-sequence form is the two-sequence optimistic OMD (secondary iterate
+             mu^_k ~ mu^_{k-1} exp(eta P(y > mu_k)), mu_{k+1} ~ mu^_k exp(eta P(y > mu_k))) written in mu alone.
+             ONPO bounds the average iterate's duality gap by O(1/T); the unregularised last-iterate analysis
+             (Chen et al., arXiv 2512.24818: linear after a burn-in) needs a Nash equilibrium with full support,
+             Wei et al. (arXiv 2006.09517) a unique one. g_k lies in [-1, 2], not a probability: in loss mode only the
+             win-rate losses take it (rebel exactly, sppo with its usual log-partition approximation); ipo and dpo,
+             whose target is a pair label, are refused, and so are the pair rules (their win rates are against the
+             current samples only; ONPO's also need win rates against the previous iterate's samples).
+    extragradient  extragradient / mirror prox (EGPO, Zhou et al., arXiv 2503.08942): a half step from the opponent
+             mu_k, then the real step from the same centre against the half-step policy:
+                 mu_{k+1/2} ~ C_k exp(eta * P(y > mu_k)),   mu_{k+1} ~ C_k exp(eta * P(y > mu_{k+1/2})).
+             EGPO: last-iterate linear convergence to the regularised Nash (tau > 0). Two prox problems per
+             iteration; in loss mode the second one's pairs are drawn from mu_{k+1/2} (as Nash-MD's from its mixture).
+    mmd      magnetic mirror descent with a periodically updated magnet (MPO, Wang et al., arXiv 2410.16714; MMD:
+             Sokota et al., arXiv 2206.05825): the KL to the magnet is inside the prox problem,
+                 mu_{k+1} = argmax_q eta <q, P(y > mu_k)> - eta*tau KL(q || ref) - KL(q || mu_k)
+                          ~ (mu_k ref^(eta*tau) exp(eta * P(y > mu_k)))^(1 / (1 + eta*tau)),
+             and the magnet ref <- mu every ``ref_every`` steps. Where it differs from COMAL's reference advance: not
+             in the advance (the same rule: the magnet becomes the current iterate every K steps, MPO's outer loop
+             is the same proximal-point iteration as COMAL's) but in the inner step, which treats the KL to the magnet
+             implicitly: its weights 1/(1 + eta*tau) on mu_k, eta*tau/(1 + eta*tau) on ref and eta/(1 + eta*tau) on
+             the win rate are COMAL's explicit step (1 - eta'*tau, eta'*tau, eta') at eta' = eta / (1 + eta*tau).
+             So mmd(eta, tau, K) is exactly comal(eta / (1 + eta*tau), tau, K): the same fixed points, a smaller step,
+             and no eta*tau < 1 limit (the anchor weight stays below 1 for every eta). Loss mode solves COMAL's prox
+             loss at beta = (1 + eta*tau)/eta.
+
 ``--mode closed-form`` applies the formula (in log space). ``--mode loss`` solves each step by minimising the
 project's prox loss (comal_openrlhf.core.losses, ``--prox``) over a softmax policy, beta = 1/eta and r = eta*tau: the
 tabular check that a loss implements the step. Its pairs (``--pairs``):
@@ -54,7 +86,9 @@ from comal_openrlhf.core.matrix import load_matrix
 from comal_openrlhf.core.pairs import RULES, build_pairs, pair_winrates, sampled_law
 from comal_openrlhf.core.record import PairBatch
 
-ALGOS = ("mwu", "inpo", "comal", "nash-md")
+ALGOS = ("mwu", "inpo", "comal", "nash-md", "omwu", "extragradient", "mmd")
+ADVANCING = ("comal", "mmd")  # the algorithms whose reference (magnet) advances every ref_every steps
+WIN_RATE_PROX = ("rebel", "sppo")  # the losses that read a per-response payoff, which may leave [0, 1]
 MODES = ("closed-form", "loss")
 PAIR_RULES = ("exact",) + RULES
 MAX_EXACT_SETS = 5000  # above this many multisets a rule's expectation is taken by Monte Carlo
@@ -354,7 +388,9 @@ def run(
     samples at temperature T but takes every log-prob at 1. The fixed point is then a policy whose tempered version
     is a Nash (``sampled_duality_gap`` -> 0), not the trained policy itself (``duality_gap`` stalls).
 
-    ``gaps`` holds [iteration, duality gap] every ``record_every`` steps (default ~200 points), plus the last one.
+    ``gaps`` holds [iteration, duality gap] every ``record_every`` steps (default ~200 points), plus the last one;
+    ``average_gaps`` the same for the average iterate (1/k) sum_{j=1..k} mu_j (for extragradient the mu_j, not the
+    half steps), the policy whose gap the no-regret bounds speak of.
     ``pairs`` (loss mode): ``exact`` is the exact expectation over y, y' ~ mu_k x mu_k; a rule of
     comal_openrlhf.core.pairs makes each step minimise the loss expected over sample sets of ``samples`` samples from
     the sampling policy, exactly over all multisets when there are at most MAX_EXACT_SETS of them (or ``mc_sets``
@@ -369,7 +405,7 @@ def run(
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if algo == "mwu":
         tau = 0.0  # self-play: no regularisation
-    if eta <= 0 or tau < 0 or not eta * tau < 1:
+    if eta <= 0 or tau < 0 or not (algo == "mmd" or eta * tau < 1):  # mmd's anchor weight is below 1 for every eta
         raise ValueError(f"need eta > 0, tau >= 0 and eta*tau < 1, got eta={eta}, tau={tau}")
     if not (math.isfinite(sample_temperature) and sample_temperature > 0):
         raise ValueError(f"need a sample temperature > 0, got {sample_temperature}")
@@ -379,6 +415,17 @@ def run(
         raise ValueError(f"unknown pair rule {pairs!r}; choose one of {', '.join(PAIR_RULES)}")
     if pairs != "exact" and mode != "loss":
         raise ValueError(f"pair rule {pairs!r} needs --mode loss (the closed form is the exact expectation)")
+    if algo == "omwu" and mode == "loss":
+        if prox not in WIN_RATE_PROX:
+            raise ValueError(
+                f"omwu in loss mode needs --prox rebel or sppo, got {prox!r}: its optimistic payoff "
+                "2 P(y > mu_k) - P(y > mu_k-1) lies in [-1, 2], a regression target but not a pair label"
+            )
+        if pairs != "exact":
+            raise ValueError(
+                f"omwu does not model the pair rule {pairs!r} (its win rates against the previous iterate's samples "
+                "are not built by the rules); use --pairs exact or --mode closed-form"
+            )
     rp = exact_sets = rng = None
     if pairs != "exact":
         rp = RulePairs(P, pairs, samples)
@@ -400,37 +447,65 @@ def run(
     log_ref = log_mu.copy()
     record_every = record_every or max(1, iters // 200)
 
-    r = eta * tau
+    # mmd's implicit magnet step is COMAL's explicit step at eta / (1 + eta*tau) (module docstring)
+    step_eta = eta / (1 + eta * tau) if algo == "mmd" else eta
+    r = step_eta * tau
+
+    def temper(s):  # sampled at T, trained at 1 (docstring)
+        return s if sample_temperature == 1.0 else _normalise_log(np.log(s) / sample_temperature)[1]
+
+    def prox_step(opp):
+        """One prox step from the centre C_k against the opponent ``opp`` (whose samples the pairs are)."""
+        nonlocal mc_stderr
+        if mode == "closed-form":
+            return _normalise_log(log_c + step_eta * (P @ opp))
+        if rp is None:
+            return _normalise_log(loss_step(P, log_mu, log_ref, step_eta, tau, prox, opp))
+        step, se = rule_step(rp, log_mu, log_ref, step_eta, tau, prox, opp, exact_sets, mc_sets, rng)
+        mc_stderr = max(mc_stderr, se or 0.0)
+        return _normalise_log(step)
+
     mc_stderr = 0.0
+    total = np.zeros(n)  # sum of the iterates, for the average iterate
     gaps = [[0, duality_gap(P, mu)]]
+    average_gaps = [[0, duality_gap(P, mu)]]
+    wins_prev = None  # omwu: P(y > mu_{k-1}) of the (tempered) previous opponent
     start = time.perf_counter()
     for k in range(1, iters + 1):
         log_c = (1 - r) * log_mu + r * log_ref  # prox centre (unnormalised)
-        opp = _normalise_log(log_c)[1] if algo == "nash-md" else mu
-        if sample_temperature != 1.0:  # sampled at T, trained at 1 (docstring)
-            opp = _normalise_log(np.log(opp) / sample_temperature)[1]
-        if mode == "closed-form":
-            log_mu, mu = _normalise_log(log_c + eta * (P @ opp))
-        elif rp is None:
-            log_mu, mu = _normalise_log(loss_step(P, log_mu, log_ref, eta, tau, prox, opp))
-        else:  # the samples come from the sampling policy (the opponent: mu_k, or Nash-MD's mixture)
-            step, se = rule_step(rp, log_mu, log_ref, eta, tau, prox, opp, exact_sets, mc_sets, rng)
-            log_mu, mu = _normalise_log(step)
-            mc_stderr = max(mc_stderr, se or 0.0)
-        if algo == "comal" and k % ref_every == 0:
+        opp = temper(_normalise_log(log_c)[1] if algo == "nash-md" else mu)
+        if algo == "omwu":
+            wins = P @ opp
+            payoff = 2 * wins - (wins if wins_prev is None else wins_prev)  # mu_{-1} = mu_0: the first step is MWU's
+            wins_prev = wins
+            if mode == "closed-form":
+                log_mu, mu = _normalise_log(log_c + step_eta * payoff)
+            else:  # rebel / sppo on the exact pairs y, y' ~ mu_k, the payoff in place of the win rates
+                table = exact_pairs(P, opp)
+                table["wi"], table["wj"] = payoff[table["i"]], payoff[table["j"]]
+                log_mu, mu = _normalise_log(loss_step(P, log_mu, log_ref, step_eta, tau, prox, pairs=table))
+        elif algo == "extragradient":
+            half = prox_step(opp)[1]  # mu_{k+1/2}, from the centre C_k against mu_k
+            log_mu, mu = prox_step(temper(half))  # mu_{k+1}, from the same centre against mu_{k+1/2}
+        else:
+            log_mu, mu = prox_step(opp)
+        if algo in ADVANCING and k % ref_every == 0:
             log_ref = log_mu.copy()  # reference advance: next round's regularised game is centred here
+        total += mu
         if k % record_every == 0 or k == iters:
             gaps.append([k, duality_gap(P, mu)])
+            average_gaps.append([k, duality_gap(P, total / k)])
     seconds = time.perf_counter() - start
 
     nash = solve_nash(P)
+    tempered = _normalise_log(log_mu / sample_temperature)[1]  # from the log-probs: finite where mu underflowed to 0
     return {
         "algo": algo,
         "mode": mode,
         "prox": prox if mode == "loss" else None,
         "eta": eta,
         "tau": tau,
-        "ref_every": ref_every if algo == "comal" else None,
+        "ref_every": ref_every if algo in ADVANCING else None,
         "pairs": pairs,
         "samples": samples if rp else None,
         "sample_sets": None if rp is None else (f"monte carlo, {mc_sets} per step" if mc_sets else "exact"),
@@ -440,8 +515,10 @@ def run(
         "nash": nash.tolist(),
         "duality_gap": duality_gap(P, mu),
         "sample_temperature": sample_temperature,
-        "sampled_duality_gap": duality_gap(P, _normalise_log(np.log(mu) / sample_temperature)[1]),
+        "sampled_duality_gap": duality_gap(P, tempered),
         "kl_to_nash": kl(nash, mu),
         "gaps": gaps,
+        "average_duality_gap": average_gaps[-1][1],
+        "average_gaps": average_gaps,
         "seconds": seconds,
     }
