@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Replay the fault cases a new user hit (issue 18) against the commands, each as a subprocess, and check what they
+"""Replay the fault cases a new user hit against the commands, each as a subprocess, and check what they
 promise: the exit status (2 for a user error, 0 where the input is valid), exactly one error line (``[comal] error:``
 for the package's commands, the script's own prefix elsewhere), no ``Traceback`` anywhere in the output, and, where a
 refused run must not lose anything, that the files an earlier run wrote are intact.

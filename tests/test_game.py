@@ -522,7 +522,7 @@ def test_cli_plot(tmp_path):
 
 
 def test_samples_from_a_tempered_policy_lead_the_tempered_policy_to_the_nash():
-    """Issue 19 item 2: sampled at T = 0.8 but trained at 1, COMAL's trained policy stalls at a gap of about 1e-2 while
+    """Sampled at T = 0.8 but trained at 1, COMAL's trained policy stalls at a gap of about 1e-2 while
     its tempered version reaches the Nash; sampled from the policy the loss trains (T = 1), the policy itself does."""
     P, _ = paper_game()
     matched = run(P, "comal", iters=5000, init=[0.6, 0.3, 0.1])

@@ -163,7 +163,7 @@ def test_the_package_imports_its_own_modules_at_the_top():
 
 
 def test_bitsandbytes_4bit_kernel_notice_is_filtered():
-    """The one start-up notice of bitsandbytes on AVX-512 BF16 CPUs (issue 18: noise a newcomer reads) is dropped,
+    """The one start-up notice of bitsandbytes on AVX-512 BF16 CPUs (noise a newcomer reads) is dropped,
     and only it: another record of the same logger still passes."""
     import logging
 

@@ -152,7 +152,7 @@ def test_batch_unit_prompts_makes_the_steps_of_one_pair_per_prompt(trainer, reco
 
 
 def test_an_empty_response_is_the_prompt_then_eos(tiny_model):
-    """Issue 19 item 5: the policy that stopped at once is a response of its own: the pair dataset scores it as the
+    """The policy that stopped at once is a response of its own: the pair dataset scores it as the
     prompt's tokens then EOS, also for a prompt that ends in a newline (OpenRLHF's RewardDataset strips the joined
     text's trailing newline, which would leave the response mask empty and log pi(empty) = 0)."""
     from transformers import AutoTokenizer
