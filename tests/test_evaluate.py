@@ -159,7 +159,7 @@ def test_exact_matrix_of_the_extended_game():
 
 
 def test_option_sequences_must_extend_the_prompt_by_the_label():
-    # issue 18: without the chat template the demo's prompt ends in "?" and "?a" is one unknown token for every label:
+    # without the chat template the demo's prompt ends in "?" and "?a" is one unknown token for every label:
     # each option then read the same sequence's probability, the total exceeded 1 and a win rate of 448% came out
     from comal_openrlhf.tiny import DEFAULT_WORDS, build_tokenizer
 

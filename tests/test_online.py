@@ -120,7 +120,7 @@ def test_winrate_against_start_and_anchor_is_logged(tmp_path, game_model):
 
 
 def test_all_soft_makes_the_optimizer_steps_of_top2_on_the_same_prompts(tmp_path, game_model):
-    # issue 19.4: with a preset --train.batch_size counts prompts, so all_soft's many pairs per prompt make the
+    # with a preset --train.batch_size counts prompts, so all_soft's many pairs per prompt make the
     # official top2 pipeline's number of optimizer steps (counted in pairs all_soft would make several times more)
     prompts = write_jsonl(tmp_path / "two.jsonl", [{"prompt": "question pick one ?"}, {"prompt": "question two ?"}])
     steps, pairs = {}, {}

@@ -185,7 +185,7 @@ def test_judge_refuses_mixed_policies_and_bad_rows(tmp_path):
     with pytest.raises(PlanError, match="pick one with --policy"):
         _judge(_judge_argv(samples, tmp_path / "p", 0, "top2"))
     assert _judge(_judge_argv(samples, tmp_path / "p", 0, "top2", "--policy", "other"))["pairs"] == 2
-    # issue 18: samples of two checkpoints (or sampling settings) of one policy id are never judged together
+    # samples of two checkpoints (or sampling settings) of one policy id are never judged together
     mixed = [{**r, "producer": "aaaa"} for r in _samples_rows(0)] + [
         {**r, "producer": "bbbb"} for r in _samples_rows(1)
     ]

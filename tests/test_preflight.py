@@ -1,6 +1,6 @@
 """train_comal's preflight: every check that needs no model runs before anything loads and raises one COMALError
-naming the flag (the command prints it as one ``[comal] error:`` line, exit 2; tests/test_faults.py runs the
-command). Issue 18 section 3: each case below ended in a traceback before."""
+naming the flag (the command prints it as one ``[comal] error:`` line, exit 2; scripts/probe_faults.py runs the
+command). Each case below ended in a traceback before."""
 
 import os
 

@@ -1,7 +1,7 @@
-"""A preset is the official recipe (issue 19): a bare ``--comal.algo`` launch fills every training flag the user did
-not pass with the official COMAL pipeline's value and counts --train.batch_size in prompts; explicit flags win; a
-launch without ``--comal.algo`` keeps OpenRLHF's defaults; sampling other than T = 1 / top-p = 1 says the guarantee
-does not hold."""
+"""A preset is the official recipe: a bare ``--comal.algo`` launch fills every training flag the user did not pass
+with the official COMAL pipeline's value and, for an online source, counts --train.batch_size in prompts; explicit
+flags win; a launch without ``--comal.algo`` keeps OpenRLHF's defaults; sampling other than T = 1 / top-p = 1 says the
+guarantee does not hold."""
 
 import pytest
 from _util import write_jsonl

@@ -1,4 +1,4 @@
-"""scripts/probe_faults.py (issue 18): the fault cases a new user hit, replayed as processes. The probe runs once with
+"""scripts/probe_faults.py: the fault cases a new user hit, replayed as processes. The probe runs once with
 --json; each case is one test here: passed, or a known failure (its xfail reason), or skipped where this machine
 cannot set it up (a read-only folder)."""
 

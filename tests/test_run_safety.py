@@ -79,7 +79,7 @@ def test_probabilities_must_be_numbers_in_0_1_not_booleans():
 
 def test_a_null_key_is_the_missing_key_error_of_every_source():
     # a tabular (parquet / HF) dataset fills a key some rows lack with None: the same stop as a missing key, with the
-    # row's 1-based origin, for static rows as for offline files (issue 18: it was a "non-string" skip, 0-based)
+    # row's 1-based origin, for static rows as for offline files (it was a "non-string" skip, 0-based)
     f = _formatter()
     with pytest.raises(DataError, match=r"data.jsonl:row 3: missing key\(s\) \['rejected'\]; the row has"):
         f({**ROW, "rejected": None}, "data.jsonl:row 3", SkipLog())
@@ -148,7 +148,7 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
 
 
 def test_the_lock_covers_the_output_folder_too(tmp_path):
-    # issue 18: two runs with their own --ckpt.path but one --ckpt.output_dir both ran, the history listing every
+    # two runs with their own --ckpt.path but one --ckpt.output_dir both ran, the history listing every
     # iteration twice; the second is now refused on the output folder's lock
     first = RunDirectory(str(tmp_path / "ckpt_a"), str(tmp_path / "out"))
     first.lock()

@@ -1,4 +1,4 @@
-"""python -m comal_openrlhf.cli.tiny: a local model, prompts and pair files for a first launch (issue 18)."""
+"""python -m comal_openrlhf.cli.tiny: a local model, prompts and pair files for a first launch."""
 
 import json
 import os
@@ -23,7 +23,7 @@ def test_tiny_command_writes_model_prompts_and_pairs_of_the_paper_game(tmp_path)
 
 
 def test_start_up_prints_no_notices_from_the_repository_root():
-    # issue 18 section 4: pynvml's FutureWarning and DeepSpeed's "Setting accelerator to CPU" on every command
+    # pynvml's FutureWarning and DeepSpeed's "Setting accelerator to CPU" on every command
     code = "import comal_openrlhf, torch, deepspeed"
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
