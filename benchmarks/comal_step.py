@@ -13,7 +13,12 @@ that fills the cache (policy + reference forward over every pair, no gradient, o
 against a training step per pair with the same log-prob path, shapes and run (medians; target: precompute per pair
 <= 0.8x a training step per pair). Prints a markdown table: medians (p20/p80) over ``--repeats`` steps after
 warm-up, tokens/s, the peak memory of one step (whole, and up to its optimizer step) and the COMAL/DPO ratio
-(target <= 0.75). Peak memory is the growth of live tensor memory during one step over what was held before it: on
+(target <= 0.75). Then a whole iteration, timed end to end in the same run (``--iteration-pairs`` pairs, ``--epochs``
+passes, micro-batches of ``--micro-batch``, ``--iteration-repeats`` times, interleaved): COMAL's precompute pass and
+its epochs of training steps with each log-prob path, against OpenRLHF's DPOTrainer doing the same epochs with its
+reference recomputed in every step; printed with the split (precompute, training), the ratio to DPO's iteration
+(target <= 0.30 at V >= 32k) and the peak memory of the iteration (the larger of its precompute pass's and its
+step's). Peak memory is the growth of live tensor memory during one step over what was held before it: on
 CUDA ``torch.cuda.max_memory_allocated``, on CPU the running sum of torch.profiler's memory events (each tensor
 allocation and free).
 """
@@ -40,11 +45,18 @@ def main():
     p.add_argument("--precompute-batch", dest="precompute_batch", type=int, default=None,
                    help="--comal.precompute_batch_size: pairs per micro-batch of the precompute pass (default: "
                    "--micro-batch)")  # fmt: skip
+    p.add_argument("--iteration-pairs", dest="iteration_pairs", type=int, default=16,
+                   help="pairs of the whole-iteration timing (at most --pairs)")  # fmt: skip
+    p.add_argument("--epochs", type=int, default=3, help="passes over the pairs per iteration (official COMAL: 3)")
+    p.add_argument("--iteration-repeats", dest="iteration_repeats", type=int, default=3,
+                   help="whole iterations timed per row (0: skip the iteration table)")  # fmt: skip
     p.add_argument("--zero-stage", dest="zero_stage", type=int, default=2)
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="--ds.param_dtype. auto: bf16 on CUDA or a CPU with native bf16, else fp32 (emulated bf16 is "
                    "many times slower), said in one line; --dtype bf16 forces bf16")  # fmt: skip
     a = p.parse_args()
+    if not 1 <= a.iteration_pairs <= a.pairs:
+        p.error(f"--iteration-pairs {a.iteration_pairs}: must be between 1 and --pairs ({a.pairs})")
 
     from comal_openrlhf import cpu_runtime
 
@@ -111,7 +123,7 @@ def main():
     tokens = int(batch[1].sum() + batch[3].sum())
     dpo_loss = DPOLoss(0.1, 0.0, True)
 
-    def dpo_step():
+    def dpo_step(batch=batch):
         chosen_ids, c_mask, reject_ids, r_mask, plens, _ = batch
         pw, pl, _, _ = trainer.concatenated_forward(model, chosen_ids, c_mask, reject_ids, r_mask, plens)
         with torch.no_grad():
@@ -284,7 +296,91 @@ def main():
         verdict = "met" if ratio <= 0.8 else "NOT met"
         print(f"precompute per pair / training step per pair ({labels[name]}): {ratio:.3f} (target: precompute per "
               f"pair <= 0.8x a training step per pair: {verdict})")  # fmt: skip
+    if a.iteration_repeats > 0:
+        iteration_table(a, trainer, tok, args, record.pairs, dpo_step, peak_mb, peak, q)
     return 0
+
+
+def iteration_table(a, trainer, tok, args, all_pairs, dpo_step, peak_mb, step_peak, q):
+    """A whole iteration, end to end: COMAL's precompute pass + ``--epochs`` passes of training steps on the cached
+    log-probs (each log-prob path), against DPOTrainer's ``--epochs`` passes with the reference recomputed."""
+    # imported after cpu_runtime.apply(), as in main()
+    from comal_openrlhf.core.record import IterationRecord
+    from comal_openrlhf.training.data import PairDataset
+
+    pairs = all_pairs[: a.iteration_pairs]
+    dataset = PairDataset(pairs, tok, args.data.max_len)
+    fresh = IterationRecord.from_pairs(pairs)
+
+    def batches(epoch):
+        return trainer._loader(dataset, True, epoch=epoch)
+
+    def comal_iteration(kernel):
+        def run():
+            trainer.settings.logps_kernel = kernel
+            try:
+                t = time.perf_counter()
+                record = trainer._cached(fresh, dataset, "bench iteration")
+                mid = time.perf_counter()
+                for epoch in range(a.epochs):
+                    for b in batches(epoch):
+                        trainer._train_step(b, record)
+                return mid - t, time.perf_counter() - mid
+            finally:
+                trainer.settings.logps_kernel = "openrlhf"
+
+        return run
+
+    def dpo_iteration():
+        t = time.perf_counter()
+        for epoch in range(a.epochs):
+            for b in batches(epoch):
+                dpo_step(b)
+        return 0.0, time.perf_counter() - t
+
+    runs = {
+        "dpo": ("OpenRLHF DPOTrainer (reference recomputed each step)", dpo_iteration, "dpo"),
+        "comal": ("COMAL, OpenRLHF log-prob path", comal_iteration("openrlhf"), "comal"),
+        "comal_kernel": ("COMAL, chunked torch kernel", comal_iteration("torch"), "comal_kernel"),
+        "comal_linear": ("COMAL, fused LM-head kernel (precompute: two linear calls)", comal_iteration("linear"),
+                         "comal_linear"),
+    }  # fmt: skip
+    kernels = {"comal": "openrlhf", "comal_kernel": "torch", "comal_linear": "linear"}
+    pre_peak = {}
+    for name, kernel in kernels.items():
+        trainer.settings.logps_kernel = kernel
+        try:
+            pre_peak[name] = peak_mb(lambda: trainer._cached(fresh, dataset, "bench peak"))[0]
+        finally:
+            trainer.settings.logps_kernel = "openrlhf"
+    for _, fn, _ in runs.values():  # warm-up: one iteration each
+        fn()
+    times = {name: [] for name in runs}
+    for _ in range(a.iteration_repeats):  # interleaved, so that drift of the machine hits all alike
+        for name, (_, fn, _) in runs.items():
+            times[name].append(fn())
+    steps = a.epochs * len(batches(0))
+    print(f"\nwhole iteration: {a.iteration_pairs} pairs, {a.epochs} epochs, micro-batches of {a.micro_batch} pairs "
+          f"({steps} training steps); medians of {a.iteration_repeats} iterations after a warm-up each\n")  # fmt: skip
+    print("| iteration | median s | p20 s | p80 s | precompute s | training s | ratio to DPO | peak MB |\n"
+          "|---|---|---|---|---|---|---|---|")  # fmt: skip
+    med = {}
+    for name, (label, _, step) in runs.items():
+        total = [p + t for p, t in times[name]]
+        med[name] = statistics.median(total)
+        pre = statistics.median(p for p, _ in times[name])
+        train = statistics.median(t for _, t in times[name])
+        peak = max(step_peak[step][0], pre_peak.get(name, 0.0))
+        print(f"| {label} | {med[name]:.2f} | {q(total, 0.2):.2f} | {q(total, 0.8):.2f} | {pre:.2f} | {train:.2f} | "
+              f"{med[name] / med['dpo']:.3f} | {peak:.1f} |")  # fmt: skip
+    for name in kernels:
+        pre = statistics.median(p for p, _ in times[name])
+        train = statistics.median(t for _, t in times[name])
+        ratio = med[name] / med["dpo"]
+        verdict = "met" if ratio <= 0.30 else "NOT met"
+        term = "precompute" if pre > train else "training steps"
+        print(f"{name}/DPO iteration ratio: {ratio:.3f} (target <= 0.30 at V >= 32k: {verdict}); dominant term: "
+              f"{term} ({max(pre, train) / (pre + train):.0%} of the iteration)")  # fmt: skip
 
 
 if __name__ == "__main__":

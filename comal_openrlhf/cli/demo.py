@@ -31,10 +31,12 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
+import multiprocessing
 import os
-import subprocess
+import shlex
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -140,10 +142,9 @@ def judge_flags(a, game_spec, gpm_dir):
     return ["--judge.kind", "table", "--judge.table", game_spec]
 
 
-def run_algo(algo, a, model_dir, prompts, game_spec, out):
-    work = os.path.join(out, algo)
-    os.makedirs(work, exist_ok=True)
-    cmd = [sys.executable, "-m", "openrlhf.cli.train_comal", "--model.model_name_or_path", model_dir]
+def train_argv(algo, a, model_dir, prompts, game_spec, work, out):
+    """The ``train_comal`` flags of one algorithm's run (the README's command line for it, less the launcher)."""
+    cmd = ["--model.model_name_or_path", model_dir]
     cmd += ["--comal.source", "online"] + judge_flags(a, game_spec, os.path.join(out, "gpm"))
     cmd += ["--data.dataset", prompts, "--data.prompt_key", "prompt", "--data.apply_chat_template"]
     cmd += ["--data.max_len", "32", "--rollout.prompts_per_iteration", "1"]
@@ -166,17 +167,64 @@ def run_algo(algo, a, model_dir, prompts, game_spec, out):
         "--logger.tensorboard_dir",
         os.path.join(out, "tb"),
     ]
-    cmd += ["--logger.wandb.run_name", algo] + algo_flags(algo, a)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return cmd + ["--logger.wandb.run_name", algo] + algo_flags(algo, a)
+
+
+# One process per algorithm, forked from a server that imported train_comal's modules once (torch, transformers,
+# DeepSpeed, OpenRLHF: about 8 s of CPU per process on 2 cores, which was half of each demo run). Each run is still a
+# fresh process of its own running train_comal's main() - the code path of `python -m openrlhf.cli.train_comal` - so
+# the algorithms' order and --jobs change nothing. The server imports but computes nothing, so forking it is safe.
+PRELOAD = ["comal_openrlhf.cli.train_comal", "deepspeed", "openrlhf.utils", "openrlhf.trainer.dpo_trainer"]
+RUN_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _train_process(argv, work):
+    """In the forked process: cwd ``work``, stdout and stderr into ``work/train.log``, train_comal's main(argv)."""
+    os.chdir(work)
+    log = os.open(os.path.join(work, "train.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for fd in (1, 2):
+        os.dup2(log, fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.argv = ["train_comal"] + argv
+    print("$ python -m openrlhf.cli.train_comal " + shlex.join(argv), flush=True)
+    from comal_openrlhf.cli import train_comal  # preloaded by the server: no import cost here
+
+    try:
+        train_comal.main(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    except BaseException:  # the log gets the traceback; the demo names the log
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def train_pool(jobs):
+    """A process pool whose workers fork from a preloaded server, one fresh process per algorithm."""
+    os.environ.update(RUN_ENV)  # read by the server when it starts (torch's thread pools are sized at import)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx, max_tasks_per_child=1)
+
+
+def run_algo(pool, algo, a, model_dir, prompts, game_spec, out):
+    """Submit one algorithm's train_comal run to ``pool``; returns a future of (work dir, history, seconds)."""
+    work = os.path.join(out, algo)
+    os.makedirs(work, exist_ok=True)
+    argv = train_argv(algo, a, model_dir, prompts, game_spec, work, out)
     t0 = time.time()
-    with open(os.path.join(work, "train.log"), "w") as log:
-        p = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if p.returncode != 0:
-        tail = open(os.path.join(work, "train.log")).read()[-3000:]
-        raise RuntimeError(f"{algo}: train_comal failed ({p.returncode}); log {work}/train.log:\n{tail}")
-    with open(os.path.join(work, "final", "comal_iterations.jsonl")) as f:
-        hist = [json.loads(line) for line in f]
-    return work, hist, time.time() - t0
+    fut = pool.submit(_train_process, argv, work)
+
+    def finish():
+        code = fut.result()
+        if code != 0:
+            tail = open(os.path.join(work, "train.log")).read()[-3000:]
+            raise RuntimeError(f"{algo}: train_comal failed ({code}); log {work}/train.log:\n{tail}")
+        with open(os.path.join(work, "final", "comal_iterations.jsonl")) as f:
+            hist = [json.loads(line) for line in f]
+        return work, hist, time.time() - t0
+
+    return fut, finish
 
 
 def parse_args(argv=None):
@@ -301,11 +349,12 @@ def run_demo(a):
     )
 
     results = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
-        futures = {pool.submit(run_algo, algo, a, model_dir, prompts, game_spec, out): algo for algo in algos}
+    with train_pool(a.jobs) as pool:
+        runs = {algo: run_algo(pool, algo, a, model_dir, prompts, game_spec, out) for algo in algos}
+        futures = {fut: algo for algo, (fut, _) in runs.items()}
         for fut in concurrent.futures.as_completed(futures):
             algo = futures[fut]
-            work, hist, secs = fut.result()
+            work, hist, secs = runs[algo][1]()
             results[algo] = (work, hist, secs)
             say(f"[demo] {algo}: {len(hist)} iterations in {secs:.0f} s")
 
