@@ -170,3 +170,108 @@ def test_extragradient_preset_is_the_game_labs_extragradient():
     lab = run(P, algo="extragradient", iters=steps, eta=eta, tau=0.0, init=[0.6, 0.3, 0.1])
     assert np.exp(log_mu) == pytest.approx(np.array(lab["policy"]), abs=1e-13)
     assert duality_gap(P, np.exp(log_mu)) == pytest.approx(lab["duality_gap"], abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------ resume keeps the samples
+
+
+def test_optimistic_source_state_round_trips_and_a_missing_previous_set_is_refused():
+    from comal_openrlhf.training.online import OnlineSource
+
+    src = OnlineSource.__new__(OnlineSource)  # no model, judge or prompts: only the kept samples
+    src.optimistic, src.previous = True, None
+    pairs = [Pair("q", "b", "a", chosen_winrate=0.9, rejected_winrate=0.1, origin="t")]
+    assert src._optimistic(0, pairs, [0]) == (pairs, 0)  # mu_{-1} = mu_0: the payoff is the win rate
+    with pytest.raises(PlanError, match="needs the samples of mu_1 kept by iteration 1, but the source holds none"):
+        src._optimistic(2, pairs, [0])
+    kept = {"iteration": 1, "samples": {"q": ["a", "b", "c"]}}
+    src.previous = kept
+    other = OnlineSource.__new__(OnlineSource)
+    other.optimistic, other.previous = True, None
+    other.load_state_dict(src.state_dict())  # what the checkpoint's client state carries across a resume
+    assert other.previous == kept
+    with pytest.raises(PlanError, match="holds iteration 1's"):
+        other._optimistic(3, pairs, [0])
+
+
+def test_the_checkpoint_client_state_carries_the_source_state():
+    # in a subprocess: cpu_runtime.apply() (train_comal's first step, which lets OpenRLHF's trainer import without
+    # CUDA) patches process-wide state that other tests must not see
+    import subprocess
+    import sys
+
+    code = """
+from types import SimpleNamespace
+from comal_openrlhf import cpu_runtime
+cpu_runtime.apply()
+from comal_openrlhf.training.trainer import COMALTrainer
+t = COMALTrainer.__new__(COMALTrainer)
+t.__dict__.update(global_step=3, iteration=2, micro_step=0, anchor_version=0, history=[], run_settings={}, best=None,
+    best_in_iter=None, args=SimpleNamespace(train=SimpleNamespace(batch_size=4)),
+    source=SimpleNamespace(state_dict=lambda: {"iteration": 1, "samples": {"q": ["a"]}}))
+assert t._client_state()["comal"]["source"] == {"iteration": 1, "samples": {"q": ["a"]}}
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------- tiny-LM runs on the demo's game
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    """The demo's setting (paper game, table judge, 24 iterations of 64 samples, eta 4; optimistic at eta 2): COMAL,
+    optimistic and extragradient, each a train_comal run, in parallel."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path_factory.mktemp("lastiterate") / "demo"
+    cmd = [sys.executable, "-m", "comal_openrlhf.cli.demo", "--out", str(out), "--json", "--jobs", "3"]
+    cmd += ["--algos", "comal,optimistic,extragradient"]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(out.parent), env={**os.environ}, timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    report = json.loads(p.stdout)
+    hist = {}
+    for algo in report["algorithms"]:
+        with open(out / algo / "final" / "comal_iterations.jsonl") as f:
+            hist[algo] = [json.loads(line) for line in f]
+    return report, hist, time.time() - t0
+
+
+def _say(report, algo):
+    r, c = report["algorithms"][algo], report["algorithms"]["comal"]
+    print(
+        f"\n[{algo}] final duality gap {r['duality_gap']:.4f} in {r['seconds']} s; comal {c['duality_gap']:.4f} in "
+        f"{c['seconds']} s; start {report['start']['duality_gap']:.4f}"
+    )
+
+
+@pytest.mark.integration
+def test_extragradient_preset_on_the_demo_game(demo_runs):
+    report, hist, _ = demo_runs
+    _say(report, "extragradient")
+    h = hist["extragradient"]
+    assert len(h) == 24
+    assert [x["advanced"] for x in h] == [k % 2 == 1 for k in range(24)]  # the anchor takes mu_{k+1} after a step
+    # 12 extragradient steps (the same 24 samplings, judgings and trainings as COMAL's 24 iterations); the game lab's
+    # closed form reaches 0.047 in 12 steps at eta 4 from this start, the tiny LM measured 0.06
+    r = report["algorithms"]["extragradient"]
+    assert r["duality_gap"] < 0.15 and r["invalid_mass"] < 0.05
+
+
+@pytest.mark.integration
+def test_optimistic_preset_on_the_demo_game(demo_runs):
+    report, hist, _ = demo_runs
+    _say(report, "optimistic")
+    h = hist["optimistic"]
+    assert len(h) == 24 and h[0]["rollout_optimistic_judge_calls"] == 0
+    assert all(x["rollout_optimistic_judge_calls"] > 0 for x in h[1:])  # every later iteration judged mu_{k-1}
+    # noise-limited: at 64 samples the payoff's estimate keeps the policy moving around the Nash (tabular simulation
+    # of this estimator: median gap 0.14 after 24 steps at eta 2, 0.07 at 256 samples; noiseless 0.025), so the
+    # check is that it trains the tiny model without blowing up, not that it converges
+    r = report["algorithms"]["optimistic"]
+    assert r["duality_gap"] < 0.6 and r["invalid_mass"] < 0.05

@@ -141,6 +141,16 @@ def add_comal_args(parser):
         "backward (both models' logits of a micro-batch are alive at once). Default: --train.micro_batch_size",
     )
     g.add_argument(
+        "--comal.optimistic_previous",
+        choices=("reuse", "fresh"),
+        default="reuse",
+        help="--comal.algo optimistic: the samples of mu_(k-1) that iteration k judges its responses against for "
+        "the payoff 2 P(y > mu_k) - P(y > mu_(k-1)). reuse = the samples iteration k-1 trained on (prompts outside "
+        "its window sampled once more), so the payoff's second term is the estimate the previous step used, as "
+        "stochastic optimistic mirror descent needs (its noise telescopes); fresh = a second, independent sample set "
+        "of mu_(k-1) (unbiased given mu_k, but its noise accumulates: docs/game-lab.md)",
+    )
+    parser.add_argument(
         "--comal.mass_coef",
         type=float,
         default=0.0,

@@ -19,11 +19,14 @@ mu_k(y) mu_k(y') from the cached log-probs, the exact expectation when the sampl
 (``comal_openrlhf.eval.exact.game_report``).
 
 ``optimistic`` (``--comal.algo optimistic``): the win-rate targets become the optimistic payoff
-2 P(y > mu_k) - P(y > mu_{k-1}) (``core.pairs.optimistic_pairs``). Iteration k also draws a second, independent set
-of ``--rollout.n_samples_per_prompt`` samples from mu_k for the prompts of iteration k + 1 (kept as text, and in the
-checkpoint: ``state_dict``); iteration k + 1 judges each of its distinct responses against them. Being independent
-of the samples mu_{k+1} was trained on, they estimate P(y > mu_k) without bias given mu_{k+1} (the training samples
-themselves would not). Iteration 0 uses mu_{-1} = mu_0: the payoff is the plain win rate.
+2 P(y > mu_k) - P(y > mu_{k-1}) (``core.pairs.optimistic_pairs``). Iteration k keeps samples of mu_k for the prompts
+of iteration k + 1 (as text, and in the checkpoint: ``state_dict``); iteration k + 1 judges each of its distinct
+responses against them. ``--comal.optimistic_previous reuse`` (default) keeps the samples iteration k trained on
+(prompts outside its window are sampled once more): the payoff's second term is then the estimate of P(. > mu_k)
+that step k itself used, the stochastic optimistic step ghat_{k+1}, 2 ghat_{k+1} - ghat_k, whose sum over steps
+telescopes to the self-play sum plus one term. ``fresh`` draws a second, independent set from mu_k: unbiased for
+P(y > mu_k) given mu_{k+1}, but the step then adds independent noise of both sets every iteration. Iteration 0 uses
+mu_{-1} = mu_0: the payoff is the plain win rate.
 """
 
 from types import SimpleNamespace
@@ -106,7 +109,8 @@ class OnlineSource(IterationSource):
             self.vllm = VLLMSampler(args, args.model.model_name_or_path, args.data.max_len)
 
     def describe(self):
-        opt = ", optimistic payoff" if self.optimistic else ""
+        mode = getattr(self.args.comal, "optimistic_previous", "reuse")
+        opt = f", optimistic payoff, previous samples {mode}" if self.optimistic else ""
         return f"{self.label} ({len(self.prompts)} prompts, judge {self.judge.name}, pairs {self.pair_rule}{opt})"
 
     def state_dict(self):
@@ -181,8 +185,8 @@ class OnlineSource(IterationSource):
             if self.optimistic:
                 pairs, payload[0][1]["optimistic_judge_calls"] = self._optimistic(k, pairs, idx)
                 payload = [(pairs, payload[0][1])]
-        if self.optimistic:  # mu_k's second sample set, for iteration k + 1's payoff (every rank samples)
-            self._keep_previous(k, policy)
+        if self.optimistic:  # mu_k's samples for iteration k + 1's payoff (every rank samples)
+            self._keep_previous(k, policy, sampled)
         if world > 1:
             dist.broadcast_object_list(payload, src=0)
         pairs, pstats = payload[0]
@@ -216,18 +220,24 @@ class OnlineSource(IterationSource):
         rate = {(t, y): float(r) for t, rs in zip(texts, rates) for y, r in zip(distinct[t], rs)}
         return optimistic_pairs(pairs, rate), calls
 
-    def _keep_previous(self, k, policy):
-        """Sample mu_k again for iteration k + 1's prompts (independent of this iteration's samples)."""
+    def _keep_previous(self, k, policy, sampled):
+        """mu_k's samples for iteration k + 1's prompts: this iteration's (reuse) where it sampled the prompt, else
+        (and always with fresh) a new draw from mu_k."""
         nxt = self.prompt_indices(k + 1)
-        refresh, self.refresh_engines = self.refresh_engines, False  # the engines already hold mu_k
-        try:
-            more = self.sample(k, policy, nxt)
-        finally:
-            self.refresh_engines = refresh
+        reuse = getattr(self.args.comal, "optimistic_previous", "reuse") == "reuse"
+        missing = [i for i in nxt if not (reuse and i in sampled)]
+        more = {}
+        if missing:
+            refresh, self.refresh_engines = self.refresh_engines, False  # the engines already hold mu_k
+            try:
+                more = self.sample(k, policy, missing)
+            finally:
+                self.refresh_engines = refresh
         samples = {}
         for i in nxt:
-            if i in more:
-                samples.setdefault(self.texts[i], []).extend(more[i])
+            got = sampled.get(i) if reuse and i in sampled else more.get(i)
+            if got is not None:
+                samples.setdefault(self.texts[i], []).extend(got)
         self.previous = {"iteration": k, "samples": samples}
 
     def game_metrics(self, policy):
