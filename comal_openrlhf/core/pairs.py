@@ -66,7 +66,7 @@ Ties in score keep the order of first appearance, so ``top2`` and ``best_worst``
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -310,8 +310,6 @@ def optimistic_pairs(pairs, previous_rate):
     P(y beats mu_k) and previous_rate the mean P(y beats v) over an independent sample set of mu_{k-1}
     (``cross_winrates``). Given the pair's two responses both are unbiased, so the target is unbiased for
     2 P(y beats mu_k) - P(y beats mu_{k-1}), a number in [-1, 2]. Pairs without win rates (N = 2) are refused."""
-    from dataclasses import replace
-
     out = []
     for p in pairs:
         if math.isnan(p.chosen_winrate) or math.isnan(p.rejected_winrate):
