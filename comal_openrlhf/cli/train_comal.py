@@ -501,13 +501,19 @@ def check_settings(args, plan, strategy):
             )
         if args.comal.heldout_prompts < 1:
             raise PlanError(f"--comal.heldout_prompts must be >= 1, got {args.comal.heldout_prompts}")
-    if plan.algo == "optimistic" and source_kind(args) != "online":
+    algo = getattr(plan, "algo", None)
+    if algo == "optimistic" and source_kind(args) != "online":
         raise PlanError(
             "--comal.algo optimistic judges mu_k's samples against mu_(k-1)'s, so it needs the online source "
             "(--comal.source online with --judge.kind); pair files that already carry the optimistic payoff as "
             "their win rates train with --comal.prox rebel"
         )
-    if plan.algo == "extragradient":
+    if algo == "optimistic" and args.comal.keep_best:
+        raise PlanError(
+            "--comal.algo optimistic with --comal.keep_best: the held-out pairs' targets would need the held-out "
+            "prompts judged against mu_(k-1)'s samples as well, which is not implemented; drop --comal.keep_best"
+        )
+    if algo == "extragradient":
         if args.ref.model_name_or_path != args.model.model_name_or_path:
             raise PlanError(
                 "--comal.algo extragradient centres the real step on the anchor, which must start as the policy "
