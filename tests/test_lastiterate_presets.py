@@ -172,6 +172,27 @@ def test_extragradient_preset_is_the_game_labs_extragradient():
     assert duality_gap(P, np.exp(log_mu)) == pytest.approx(lab["duality_gap"], abs=1e-12)
 
 
+@pytest.mark.parametrize(
+    "flags, algo, match",
+    [
+        (["--comal.source", "static", "--data.dataset", "x.jsonl"], "optimistic", "needs the online source"),
+        (["--comal.keep_best", "--eval.dataset", "p.jsonl"], "optimistic", "drop --comal.keep_best"),
+        (["--ref.model_name_or_path", "other"], "extragradient", "must start as the policy"),
+        (["--comal.round_rollback", "--eval.dataset", "p.jsonl"], "extragradient", "drop --comal.round_rollback"),
+    ],
+)
+def test_launches_that_break_the_mapping_are_refused_before_training(flags, algo, match):
+    from types import SimpleNamespace
+
+    from comal_openrlhf.cli.train_comal import check_settings, parse_args
+
+    online = ["--comal.source", "online", "--judge.kind", "table", "--judge.table", "paper"]
+    args = parse_args(online + ["--model.model_name_or_path", "m", "--comal.algo", algo] + flags)
+    plan, _ = resolve_plan(algo=algo)
+    with pytest.raises(PlanError, match=match):
+        check_settings(args, plan, SimpleNamespace(print=lambda *m: None))
+
+
 # ------------------------------------------------------------------------------------ resume keeps the samples
 
 
