@@ -296,3 +296,44 @@ def test_optimistic_preset_on_the_demo_game(demo_runs):
     # check is that it trains the tiny model without blowing up, not that it converges
     r = report["algorithms"]["optimistic"]
     assert r["duality_gap"] < 0.6 and r["invalid_mass"] < 0.05
+
+
+@pytest.mark.integration
+def test_optimistic_resume_restores_the_previous_samples(tmp_path):
+    """Two iterations, then a resume for a third: iteration 2 judges against mu_1's samples, which only the
+    checkpoint can hold (the source refuses to go on without them)."""
+    import json
+    import sys
+
+    from _util import run_cmd, write_jsonl
+
+    from comal_openrlhf.tiny import DEFAULT_WORDS, build_tiny_llama
+
+    model = build_tiny_llama(str(tmp_path / "llama"), words=tuple(DEFAULT_WORDS) + ("b", "c"))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "question pick one ?"}])
+    cmd = [sys.executable, "-m", "openrlhf.cli.train_comal", "--model.model_name_or_path", model]
+    cmd += [
+        "--comal.source",
+        "online",
+        "--judge.kind",
+        "table",
+        "--judge.table",
+        "paper",
+        "--comal.algo",
+        "optimistic",
+    ]
+    cmd += ["--data.dataset", prompts, "--data.prompt_key", "prompt", "--data.apply_chat_template"]
+    cmd += ["--data.max_len", "32", "--rollout.n_samples_per_prompt", "8", "--rollout.max_new_tokens", "3"]
+    cmd += ["--rollout.temperature", "1.0", "--rollout.top_p", "1.0", "--comal.batch_unit", "pairs"]
+    cmd += ["--train.micro_batch_size", "4", "--train.batch_size", "4", "--train.max_epochs", "1"]
+    cmd += ["--ckpt.output_dir", str(tmp_path / "final"), "--ckpt.path", str(tmp_path / "ckpt")]
+    run_cmd(cmd + ["--comal.iterations", "2"], cwd=str(tmp_path))
+    p = run_cmd(
+        cmd + ["--comal.iterations", "3", "--ckpt.load_enable", "--comal.accept_plan_change"], cwd=str(tmp_path)
+    )
+    assert "resumed: iteration 2" in p.stdout
+    # the accepted plan change is a line of its own; the iterations' lines carry "iteration"
+    h = [r for r in map(json.loads, open(tmp_path / "final" / "comal_iterations.jsonl")) if "iteration" in r]
+    assert [r["iteration"] for r in h] == [0, 1, 2]
+    assert h[0]["rollout_optimistic_judge_calls"] == 0
+    assert h[2]["rollout_optimistic_judge_calls"] > 0 or h[2]["pairs"] == 0
