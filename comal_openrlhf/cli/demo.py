@@ -10,7 +10,8 @@
    source: every iteration samples ``--samples`` responses from the current policy, the ``table`` judge gives
    P(y beats y') from the game matrix, all pairs with soft labels (``all_soft``) weighted by mu_k(y) mu_k(y'), the
    ipo prox loss. Presets: comal = (ipo, r, advance every K), inpo = (ipo, r, never), iter-ipo = (ipo, 0),
-   iter-dpo = (dpo, 0); beta = 1/eta.
+   iter-dpo = (dpo, 0), optimistic = (rebel on the optimistic payoff, 0, eta ``--optimistic-eta``), extragradient =
+   (ipo, two iterations per step); beta = 1/eta.
 4. Report: each final policy's exact distribution over the options (sequence log-probs, renormalised; the mass on
    any other output as ``invalid_mass``), its duality gap 2 max(P p) - 1, a head-to-head win-rate table, and a
    gap-versus-iteration plot (PNG) plus JSON in ``--out``.
@@ -51,7 +52,7 @@ from comal_openrlhf.storage import write_json
 from comal_openrlhf.tiny import DEFAULT_WORDS, build_tiny_llama
 
 PROMPT = "question pick one ?"
-ALGOS = ("comal", "inpo", "iter-ipo", "iter-dpo")
+ALGOS = ("comal", "inpo", "iter-ipo", "iter-dpo", "optimistic", "extragradient")
 
 
 def default_init(n):
@@ -129,6 +130,8 @@ def algo_flags(algo, a):
         flags += ["--comal.ref_weight", a.ref_weight, "--comal.ref_update_interval", a.ref_every]
     elif algo == "inpo":
         flags += ["--comal.ref_weight", a.ref_weight]
+    elif algo == "optimistic":  # rebel loss on the optimistic payoff, at its own step size
+        flags += ["--model.beta", 1.0 / a.optimistic_eta]
     return [str(f) for f in flags]
 
 
@@ -150,7 +153,8 @@ def train_argv(algo, a, model_dir, prompts, game_spec, work, out):
     cmd += ["--data.max_len", "32", "--rollout.prompts_per_iteration", "1"]
     cmd += ["--rollout.n_samples_per_prompt", str(a.samples), "--rollout.temperature", "1.0", "--rollout.top_p", "1.0"]
     cmd += ["--rollout.max_new_tokens", "3", "--rollout.pair_rule", "all_soft", "--rollout.pair_weighting", "policy"]
-    cmd += ["--model.beta", str(1.0 / a.eta), "--train.micro_batch_size", "16", "--train.batch_size", "16"]
+    cmd += ["--model.beta", str(1.0 / a.eta)] if algo != "optimistic" else []
+    cmd += ["--train.micro_batch_size", "16", "--train.batch_size", "16"]
     cmd += ["--train.max_epochs", str(a.steps), "--adam.lr", str(a.lr), "--lr_scheduler", "constant"]
     cmd += ["--lr_warmup_ratio", "0", "--max_norm", "10", "--ds.zero_stage", "0", "--train.seed", str(a.seed)]
     cmd += ["--train.full_determinism_enable", "--ds.param_dtype", a.dtype]
@@ -245,6 +249,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--iterations", type=int, default=24)
     p.add_argument("--eta", type=float, default=4.0, help="step size eta = 1/beta")
+    p.add_argument(
+        "--optimistic-eta",
+        dest="optimistic_eta",
+        type=float,
+        default=2.0,
+        help="eta of the optimistic preset (optimistic MWU cycles on the paper's game at eta 4 and converges at 2: "
+        "docs/game-lab.md)",
+    )
     p.add_argument("--ref-weight", dest="ref_weight", type=float, default=0.6, help="r = eta * tau (comal, inpo)")
     p.add_argument("--ref-every", dest="ref_every", type=int, default=4, help="K: COMAL advances the anchor every K")
     p.add_argument("--samples", type=int, default=64, help="responses sampled per iteration")

@@ -141,6 +141,16 @@ def add_comal_args(parser):
         "backward (both models' logits of a micro-batch are alive at once). Default: --train.micro_batch_size",
     )
     g.add_argument(
+        "--comal.optimistic_previous",
+        choices=("reuse", "fresh"),
+        default="reuse",
+        help="--comal.algo optimistic: the samples of mu_(k-1) that iteration k judges its responses against for "
+        "the payoff 2 P(y > mu_k) - P(y > mu_(k-1)). reuse = the samples iteration k-1 trained on (prompts outside "
+        "its window sampled once more), so the payoff's second term is the estimate the previous step used, as "
+        "stochastic optimistic mirror descent needs (its noise telescopes); fresh = a second, independent sample set "
+        "of mu_(k-1) (unbiased given mu_k, but its noise accumulates: docs/game-lab.md)",
+    )
+    parser.add_argument(
         "--comal.mass_coef",
         type=float,
         default=0.0,
@@ -364,7 +374,7 @@ def make_source(args, strategy, tokenizer, plan):
     """The iteration source named by --comal.source (or picked from the flags given)."""
     kind = source_kind(args)
     if kind == "online":
-        return OnlineSource(args, strategy, tokenizer, plan.pair_rule)
+        return OnlineSource(args, strategy, tokenizer, plan.pair_rule, optimistic=plan.algo == "optimistic")
     formatter = RowFormatter(args.data, tokenizer, args.data.max_len, need_winrates=plan.prox in NEEDS_WIN_RATES)
     if kind == "offline":
         if not args.comal.pairs_dir:
@@ -491,6 +501,26 @@ def check_settings(args, plan, strategy):
             )
         if args.comal.heldout_prompts < 1:
             raise PlanError(f"--comal.heldout_prompts must be >= 1, got {args.comal.heldout_prompts}")
+    algo = getattr(plan, "algo", None)
+    if algo == "optimistic" and source_kind(args) != "online":
+        raise PlanError(
+            "--comal.algo optimistic judges mu_k's samples against mu_(k-1)'s, so it needs the online source "
+            "(--comal.source online with --judge.kind); pair files that already carry the optimistic payoff as "
+            "their win rates train with --comal.prox rebel"
+        )
+    if algo == "optimistic" and args.comal.keep_best:
+        raise PlanError(
+            "--comal.algo optimistic with --comal.keep_best: the held-out pairs' targets would need the held-out "
+            "prompts judged against mu_(k-1)'s samples as well, which is not implemented; drop --comal.keep_best"
+        )
+    if algo == "extragradient":
+        if args.ref.model_name_or_path != args.model.model_name_or_path:
+            raise PlanError(
+                "--comal.algo extragradient centres the real step on the anchor, which must start as the policy "
+                f"(mu_0); --ref.model_name_or_path {args.ref.model_name_or_path} differs from the model"
+            )
+        if args.comal.round_rollback:
+            raise PlanError("--comal.algo extragradient cannot roll back inside a step: drop --comal.round_rollback")
     # a pair's win-rate targets leave the pair's two samples out (comal_openrlhf.core.pairs): 2 samples leave none
     n = args.rollout.n_samples_per_prompt
     if source_kind(args) == "online" and plan.prox in NEEDS_WIN_RATES and n < 3:

@@ -66,7 +66,7 @@ Ties in score keep the order of first appearance, so ``top2`` and ``best_worst``
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -267,3 +267,58 @@ def build_pairs(
         ]
     stats.pairs = len(pairs)
     return pairs, stats
+
+
+def cross_winrates(judge, groups, both_orders=True, batch_size=512):
+    """``groups``: list of (judge prompt, [responses u], [samples v]) -> one array per group, the mean P(u beats v)
+    of each response u over the samples v (their multiplicity counted; invalid samples, not strings, left out). The
+    same rules as ``win_matrix``: an empty response loses to a non-empty one and ties another empty one, identical
+    strings tie at 1/2, and the judge is asked only about two distinct non-empty strings. Returns (list of arrays,
+    judge calls). With v i.i.d. from a policy q and independent of u, the mean is unbiased for P(u beats q)."""
+    prompts, a, b, where = [], [], [], []
+    for prompt, us, vs in groups:
+        us = [canonical(u) for u in us]
+        vs = [v for v in map(canonical, vs) if v is not None]
+        if not vs:
+            raise ValueError("cross_winrates: a group has no valid sample to compare against")
+        known = np.full((len(us), len(vs)), math.nan)
+        for i, u in enumerate(us):
+            for j, v in enumerate(vs):
+                if u == v:
+                    known[i, j] = 0.5
+                elif u == EMPTY or v == EMPTY:
+                    known[i, j] = float(v == EMPTY)
+                else:
+                    prompts.append(prompt)
+                    a.append(u)
+                    b.append(v)
+        where.append(known)
+    p = judge_pairs(judge, prompts, a, b, both_orders=both_orders, batch_size=batch_size)
+    out, s = [], 0
+    for known in where:
+        ask = np.isnan(known)
+        known[ask] = p[s : s + int(ask.sum())]
+        s += int(ask.sum())
+        out.append(known.mean(axis=1))
+    orders = 2 if both_orders and not is_antisymmetric(judge) else 1
+    return out, len(prompts) * orders
+
+
+def optimistic_pairs(pairs, previous_rate):
+    """The optimistic payoff as the win-rate targets (ONPO, arXiv 2502.16852; optimistic MWU): each side's target
+    2 winrate - previous_rate[(prompt, response)], where winrate is ``build_pairs``' leave-two-out estimate of
+    P(y beats mu_k) and previous_rate the mean P(y beats v) over an independent sample set of mu_{k-1}
+    (``cross_winrates``). Given the pair's two responses both are unbiased, so the target is unbiased for
+    2 P(y beats mu_k) - P(y beats mu_{k-1}), a number in [-1, 2]. Pairs without win rates (N = 2) are refused."""
+    out = []
+    for p in pairs:
+        if math.isnan(p.chosen_winrate) or math.isnan(p.rejected_winrate):
+            raise ValueError(f"{p.origin}: the optimistic payoff needs the pair's win rates (3 or more samples)")
+        out.append(
+            replace(
+                p,
+                chosen_winrate=2 * p.chosen_winrate - previous_rate[(p.prompt, p.chosen)],
+                rejected_winrate=2 * p.rejected_winrate - previous_rate[(p.prompt, p.rejected)],
+            )
+        )
+    return out

@@ -14,6 +14,15 @@ Every baseline of the paper is the same loop with other constants:
     iter-ipo / sppo    r = 0: self-play multiplicative weights on the win rate, no anchor term; cycles
     inpo               r > 0, the anchor never advances (K = 0): the KL-regularised Nash, a constant gap
     comal              r > 0, the anchor advances every K iterations: last-iterate convergence to a Nash policy
+    optimistic         rebel loss, r = 0, the online source's win-rate targets replaced by the optimistic payoff
+                       2 P(y > mu_k) - P(y > mu_{k-1}) (optimistic MWU; ONPO, arXiv 2502.16852)
+    extragradient      ipo loss, two loop iterations per extragradient step: even k = the half step (centre mu_k,
+                       pairs from mu_k), odd k = the real step (centre = the anchor, which holds mu_{k-1}, pairs
+                       from the half step's policy); the anchor advances every 2 (EGPO, arXiv 2503.08942)
+
+Magnetic mirror descent with a moving magnet (MPO, arXiv 2410.16714) is not a preset: its step at (eta, tau, K) is
+COMAL's at beta = 1/eta + tau, r = eta tau / (1 + eta tau), the same K (docs/game-lab.md), so ``comal`` with those
+two flags is MMD.
 
 A preset fills each setting the user did not pass (beta, r, K, iterations, pair rule); an explicit flag always wins,
 and without ``--comal.algo`` an unchanged ``train_dpo`` launch keeps OpenRLHF's own defaults. ``resolve_plan``
@@ -35,7 +44,11 @@ PRESETS = {
     "sppo": dict(prox="sppo", ref_weight=0.0, ref_update_interval=0, pair_rule="all_soft"),
     "inpo": dict(prox="ipo", ref_weight=1.0 / 3.0, ref_update_interval=0, beta=0.002, pair_rule="all_soft"),
     "comal": dict(prox="ipo", ref_weight=1.0 / 3.0, ref_update_interval=12, beta=0.002, pair_rule="all_soft"),
+    # the last-iterate learners of other papers at tau = 0 (the game itself), beta from the flag or OpenRLHF
+    "optimistic": dict(prox="rebel", ref_weight=0.0, ref_update_interval=0, pair_rule="all_soft"),
+    "extragradient": dict(prox="ipo", ref_weight=0.0, ref_update_interval=2, pair_rule="all_soft"),
 }
+OPTIMISTIC_PROXES = ("rebel", "sppo")  # the losses whose targets are win rates: the optimistic payoff is one
 DEFAULT_ITERATIONS = 24
 PROXES = PROX_LOSSES
 
@@ -45,7 +58,11 @@ ALGO_HELP = (
     "of iteration k is the previous iterate, as the paper's Iter-DPO, not the start policy as in common online "
     "iterative DPO), iter-ipo = (ipo, r 0, beta 0.002, all_soft), sppo = (sppo, r 0, "
     "all_soft), inpo = (ipo, r 1/3, anchor never advanced, beta 0.002, all_soft), comal = (ipo, r 1/3, anchor "
-    "advanced every 12, beta 0.002, all_soft); 24 iterations unless the source fixes the count. Without this flag an "
+    "advanced every 12, beta 0.002, all_soft), optimistic = (rebel, r 0, all_soft, online source only; the win-rate "
+    "targets are the optimistic payoff 2 P(y > mu_k) - P(y > mu_{k-1}), each sample also judged against the previous "
+    "iteration's samples), extragradient = (ipo, r 0, all_soft; two iterations per extragradient step, the odd one "
+    "centred on the anchor, advanced every 2); MMD (MPO) is comal at beta 1/eta + tau, r eta tau/(1 + eta tau); "
+    "24 iterations unless the source fixes the count. Without this flag an "
     "unchanged train_dpo launch keeps its meaning and OpenRLHF's defaults: iter-ipo with --model.ipo_enable, else "
     "iter-dpo."
 )
@@ -61,6 +78,13 @@ class Plan:
     iterations: int
     betas: tuple  # beta per round; the last one is kept for later rounds
     pair_rule: Optional[str] = None  # online sources only
+
+    def ref_weight_at(self, k: int) -> float:
+        """r of iteration k. Extragradient's odd iterations (the real step) are centred on the anchor, r = 1: the
+        anchor holds mu_{k-1}, the policy the half step started from (it advances after every odd iteration)."""
+        if self.algo == "extragradient" and k % 2 == 1:
+            return 1.0
+        return self.ref_weight
 
     def round_of(self, k: int) -> int:
         return k // self.round_length
@@ -188,6 +212,26 @@ def resolve_plan(
         )
 
     rule = pick("pair_rule", pair_rule, preset.get("pair_rule"), "all_soft")
+    if algo == "optimistic" and prox not in OPTIMISTIC_PROXES:
+        raise PlanError(
+            f"--comal.algo optimistic regresses on the optimistic payoff 2 P(y > mu_k) - P(y > mu_(k-1)), which lies "
+            f"in [-1, 2]: a win-rate target ({', '.join(OPTIMISTIC_PROXES)}), not a pair label, so the {prox} loss "
+            "cannot take it"
+        )
+    if algo == "extragradient":
+        if r != 0.0 or K != 2:
+            raise PlanError(
+                "--comal.algo extragradient runs the half step and the real step as two iterations: the real step is "
+                "centred on the anchor, which must hold the half step's starting policy, so r = 0 and the anchor "
+                f"advanced every 2 iterations are fixed (got --comal.ref_weight {r}, --comal.ref_update_interval "
+                f"{K}); "
+                "tau > 0 would need a third model (mu_k, the half step and a fixed anchor)"
+            )
+        if n % 2 or int(L) % 2:
+            raise PlanError(
+                f"--comal.algo extragradient takes two iterations per step: --comal.iterations ({n}) and "
+                f"--comal.round_length ({L}) must be even, so both prox problems of a step share beta"
+            )
     return Plan(algo, prox, r, K, int(L), int(n), betas, rule), source
 
 

@@ -377,6 +377,14 @@ class IterationSource:
     def describe(self) -> str:
         return self.name
 
+    def state_dict(self):
+        """What a checkpoint must keep for the next iteration's pairs (the optimistic preset's previous samples);
+        None when nothing."""
+        return None
+
+    def load_state_dict(self, state) -> None:
+        """Restore ``state_dict``'s value on resume (None: a checkpoint without source state)."""
+
     def pairs(self, k: int, policy) -> tuple:
         """Return (pairs: list[Pair], stats: dict) for iteration k, identical on every rank. ``policy`` is the
         OpenRLHF Actor being trained (mu_k at this point); only sampling sources read it."""

@@ -17,6 +17,16 @@ Monte-Carlo estimate of the pair distribution mu_k x mu_k); ``policy`` replaces 
 mu_k(y) mu_k(y') from the cached log-probs, the exact expectation when the samples cover the policy's support
 (finite games, the demo). With the ``table`` judge every iteration also logs the exact duality gap of mu_k
 (``comal_openrlhf.eval.exact.game_report``).
+
+``optimistic`` (``--comal.algo optimistic``): the win-rate targets become the optimistic payoff
+2 P(y > mu_k) - P(y > mu_{k-1}) (``core.pairs.optimistic_pairs``). Iteration k keeps samples of mu_k for the prompts
+of iteration k + 1 (as text, and in the checkpoint: ``state_dict``); iteration k + 1 judges each of its distinct
+responses against them. ``--comal.optimistic_previous reuse`` (default) keeps the samples iteration k trained on
+(prompts outside its window are sampled once more): the payoff's second term is then the estimate of P(. > mu_k)
+that step k itself used, the stochastic optimistic step ghat_{k+1}, 2 ghat_{k+1} - ghat_k, whose sum over steps
+telescopes to the self-play sum plus one term. ``fresh`` draws a second, independent set from mu_k: unbiased for
+P(y > mu_k) given mu_{k+1}, but the step then adds independent noise of both sets every iteration. Iteration 0 uses
+mu_{-1} = mu_0: the payoff is the plain win rate.
 """
 
 from types import SimpleNamespace
@@ -25,8 +35,8 @@ import numpy as np
 import torch.distributed as dist
 
 from comal_openrlhf.core.judging import load_table
-from comal_openrlhf.core.pairs import build_pairs
-from comal_openrlhf.errors import BadInputError
+from comal_openrlhf.core.pairs import build_pairs, cross_winrates, optimistic_pairs
+from comal_openrlhf.errors import BadInputError, PlanError
 from comal_openrlhf.eval.exact import game_report
 from comal_openrlhf.judges import build_judge
 from comal_openrlhf.rollout.sampling import generate, num_calls
@@ -53,7 +63,7 @@ class OnlineSource(IterationSource):
     num_iterations = None
     allow_empty = True  # an iteration whose samples give no pair is logged and skipped, not fatal
 
-    def __init__(self, args, strategy, tokenizer, pair_rule, heldout_of=None):
+    def __init__(self, args, strategy, tokenizer, pair_rule, heldout_of=None, optimistic=False):
         """``heldout_of``: this source is the held-out split of that training source (``--comal.keep_best``): its
         prompts are ``--comal.heldout`` (default ``--eval.dataset``, split ``--eval.split``), ``--comal.
         heldout_prompts`` per iteration, sampled from the same mu_k right after the training samples (the same vLLM
@@ -61,6 +71,8 @@ class OnlineSource(IterationSource):
         self.args, self.strategy, self.tokenizer = args, strategy, tokenizer
         self.ro = args.rollout
         self.pair_rule = pair_rule
+        self.optimistic = optimistic and heldout_of is None
+        self.previous = None  # optimistic: {"iteration": k, "samples": {prompt text: [samples of mu_k]}}
         if self.ro.n_samples_per_prompt < 2:
             raise BadInputError("--rollout.n_samples_per_prompt must be >= 2 to form pairs")
         data = args.data
@@ -97,7 +109,16 @@ class OnlineSource(IterationSource):
             self.vllm = VLLMSampler(args, args.model.model_name_or_path, args.data.max_len)
 
     def describe(self):
-        return f"{self.label} ({len(self.prompts)} prompts, judge {self.judge.name}, pairs {self.pair_rule})"
+        mode = getattr(self.args.comal, "optimistic_previous", "reuse")
+        opt = f", optimistic payoff, previous samples {mode}" if self.optimistic else ""
+        return f"{self.label} ({len(self.prompts)} prompts, judge {self.judge.name}, pairs {self.pair_rule}{opt})"
+
+    def state_dict(self):
+        return self.previous if self.optimistic else None
+
+    def load_state_dict(self, state):
+        if self.optimistic:
+            self.previous = state
 
     def prompt_indices(self, k):
         """The prompts of iteration k: a window of --rollout.prompts_per_iteration (held out: --comal.
@@ -161,6 +182,11 @@ class OnlineSource(IterationSource):
             )
             counters = {f"judge_{name}": v for name, v in self.judge.stats().items()}  # e.g. remote retries
             payload = [(pairs, {**pstats.as_dict(), **counters})]
+            if self.optimistic:
+                pairs, payload[0][1]["optimistic_judge_calls"] = self._optimistic(k, pairs, idx)
+                payload = [(pairs, payload[0][1])]
+        if self.optimistic:  # mu_k's samples for iteration k + 1's payoff (every rank samples)
+            self._keep_previous(k, policy, sampled)
         if world > 1:
             dist.broadcast_object_list(payload, src=0)
         pairs, pstats = payload[0]
@@ -168,6 +194,51 @@ class OnlineSource(IterationSource):
         if self.exact_game is not None:
             stats.update(self.game_metrics(policy))
         return pairs, stats
+
+    def _optimistic(self, k, pairs, idx):
+        """(pairs with the optimistic payoff as win-rate targets, judge calls spent on it); rank 0."""
+        if k == 0 or not pairs:  # mu_{-1} = mu_0: the payoff is the win rate itself
+            return pairs, 0
+        prev = self.previous
+        if prev is None or prev.get("iteration") != k - 1:
+            have = "none" if prev is None else f"iteration {prev.get('iteration')}'s"
+            raise PlanError(
+                f"--comal.algo optimistic: iteration {k} needs the samples of mu_{k - 1} kept by iteration {k - 1}, "
+                f"but the source holds {have} (a checkpoint written without them cannot continue this run)"
+            )
+        texts = sorted({self.texts[i] for i in idx})
+        distinct = {t: [] for t in texts}
+        for p in pairs:
+            for y in (p.chosen, p.rejected):
+                if y not in distinct[p.prompt]:
+                    distinct[p.prompt].append(y)
+        groups = [
+            (self.formatter.judge_text(self.prompts[self.texts.index(t)]), distinct[t], prev["samples"][t])
+            for t in texts
+        ]
+        rates, calls = cross_winrates(self.judge, groups, both_orders=self.both_orders)
+        rate = {(t, y): float(r) for t, rs in zip(texts, rates) for y, r in zip(distinct[t], rs)}
+        return optimistic_pairs(pairs, rate), calls
+
+    def _keep_previous(self, k, policy, sampled):
+        """mu_k's samples for iteration k + 1's prompts: this iteration's (reuse) where it sampled the prompt, else
+        (and always with fresh) a new draw from mu_k."""
+        nxt = self.prompt_indices(k + 1)
+        reuse = getattr(self.args.comal, "optimistic_previous", "reuse") == "reuse"
+        missing = [i for i in nxt if not (reuse and i in sampled)]
+        more = {}
+        if missing:
+            refresh, self.refresh_engines = self.refresh_engines, False  # the engines already hold mu_k
+            try:
+                more = self.sample(k, policy, missing)
+            finally:
+                self.refresh_engines = refresh
+        samples = {}
+        for i in nxt:
+            got = sampled.get(i) if reuse and i in sampled else more.get(i)
+            if got is not None:
+                samples.setdefault(self.texts[i], []).extend(got)
+        self.previous = {"iteration": k, "samples": samples}
 
     def game_metrics(self, policy):
         """Exact duality gap of mu_k on the first prompt when the responses that count are a finite game's options

@@ -262,6 +262,7 @@ class COMALTrainer(DPOTrainer):
             t0 = time.time()
             self.iteration = k
             self.loss_fn.beta = self.plan.beta_at(k)
+            self.loss_fn.ref_weight = self.plan.ref_weight_at(k)  # extragradient's real step: the anchor, r = 1
             if self._resumed is not None:
                 record, stats, self.heldout = self._resumed
                 self._resumed = None
@@ -723,6 +724,7 @@ class COMALTrainer(DPOTrainer):
                 "best": self.best,
                 "best_in_iteration": self.best_in_iter,
                 "rng": _rng_state(),
+                "source": self.source.state_dict(),
             },
         }
 
@@ -835,6 +837,7 @@ class COMALTrainer(DPOTrainer):
                 {"plan_change_at_iteration": self.iteration, "changes": {n: [o, v] for n, o, v in diffs}}
             )
         _set_rng_state(comal["rng"])
+        self.source.load_state_dict(comal.get("source"))
         if self.anchor_version > 0:
             path = self.anchor_path(self.anchor_version)
             if not os.path.exists(path):
