@@ -252,3 +252,24 @@ def test_eval_dataset_is_evaluated_after_each_iteration(tmp_path, tiny_model, dp
     h = history(tmp_path)
     assert all("eval_loss" in r and 0.0 <= r["eval_accuracy"] <= 1.0 for r in h)
     assert len(read_scalars(str(tmp_path / "tb"), "eval/eval_loss")) == 2
+
+
+def test_startup_clock_splits_the_start_up_from_the_process_start():
+    # the first mark is the process's age (this pytest process started before the test: positive, and no older
+    # than the machine's uptime); each later mark is the time since the previous one; the line sums them
+    import time
+
+    from comal_openrlhf.cli.train_comal import StartupClock, process_age
+
+    age = process_age()
+    assert age is not None and age > 0
+    with open("/proc/uptime") as f:
+        assert age <= float(f.read().split()[0])
+    clock = StartupClock()
+    time.sleep(0.05)
+    clock.mark("models")
+    (first, a), (label, b) = clock.marks
+    assert first == "process start and imports" and a >= age
+    assert label == "models" and 0.05 <= b < 5
+    line = clock.line()
+    assert line.startswith(f"[comal] start-up {a + b:.1f} s: process start and imports ") and "models 0." in line

@@ -18,6 +18,7 @@ import importlib.util
 import math
 import os
 import sys
+import time
 from datetime import datetime  # noqa: F401  (train_dpo's parser statements use it)
 
 from openrlhf.datasets.utils import blending_datasets
@@ -558,19 +559,53 @@ def sampling_note(args):
     )
 
 
-def train(args):
+def train(args, clock=None):
     from openrlhf.utils import get_strategy
 
+    clock = clock or StartupClock()
     strategy = get_strategy(args)
     strategy.setup_distributed()
     run_dir = RunDirectory(args.ckpt.path, args.ckpt.output_dir, is_rank_0=strategy.is_rank_0())
     on_all_ranks(lambda: run_dir.lock(say=strategy.print), strategy)  # a second run on the same directories is refused
+    clock.mark("distributed set-up and run lock")
     try:
-        trainer = build_trainer(args, strategy, run_dir)
+        trainer = build_trainer(args, strategy, run_dir, clock)
+        strategy.print(clock.line())
         trainer.fit()
         trainer.save_final(args.ckpt.output_dir)
     finally:
         run_dir.unlock()
+
+
+class StartupClock:
+    """Where a run's start-up goes, printed in one line before the first iteration: process start and imports (from
+    the kernel's start time of the process, Linux /proc; omitted elsewhere), then each stage since the last mark."""
+
+    def __init__(self):
+        self.marks, self.last = [], time.perf_counter()
+        age = process_age()
+        if age is not None:
+            self.marks.append(("process start and imports", age))
+
+    def mark(self, label):
+        now = time.perf_counter()
+        self.marks.append((label, now - self.last))
+        self.last = now
+
+    def line(self):
+        total = sum(s for _, s in self.marks)
+        return f"[comal] start-up {total:.1f} s: " + ", ".join(f"{label} {s:.1f}" for label, s in self.marks)
+
+
+def process_age():
+    """Seconds since this process started (Linux: /proc/self/stat's start time against /proc/uptime), else None."""
+    try:
+        with open("/proc/self/stat") as f:
+            start = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as f:
+            return max(0.0, float(f.read().split()[0]) - start)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def on_all_ranks(fn, strategy):
@@ -591,7 +626,7 @@ def on_all_ranks(fn, strategy):
         raise error
 
 
-def build_trainer(args, strategy, run_dir):
+def build_trainer(args, strategy, run_dir, clock=None):
     """Models, tokenizer, plan, source and trainer of a run, resumed from its checkpoint where asked; ready to fit.
     The stages follow the data: the run directory, the models, the iteration source (and the held-out data), the
     optimizer, the evaluation probes, the trainer, the resume."""
@@ -603,9 +638,13 @@ def build_trainer(args, strategy, run_dir):
     will_resume = args.ckpt.load_enable and os.path.isfile(os.path.join(args.ckpt.path, "latest"))
     if not will_resume:
         on_all_ranks(lambda: run_dir.prepare_fresh(overwrite=args.comal.overwrite, say=strategy.print), strategy)
+    clock = clock or StartupClock()
     model, ref_model, tokenizer = _setup_models(args, strategy)
+    clock.mark("models")
     plan, source, evaluation = _setup_source(args, strategy, tokenizer)
+    clock.mark("data source")
     (model, optim, scheduler), ref_model = _setup_optimizer(args, strategy, model, ref_model)
+    clock.mark("DeepSpeed engines")
     winrate_probe = _setup_winrate_probe(args, strategy, tokenizer, plan, source, evaluation)
     rollout = getattr(args, "rollout", None)
     settings = TrainerSettings(
@@ -644,6 +683,7 @@ def build_trainer(args, strategy, run_dir):
             raise PlanError(f"--ckpt.load_enable: no loadable checkpoint in {args.ckpt.path}")
         trainer.restore(states, accept_plan_change=args.comal.accept_plan_change)
     os.makedirs(args.ckpt.output_dir, exist_ok=True)
+    clock.mark("trainer" + (" and resume" if will_resume else ""))
     return trainer
 
 
@@ -827,11 +867,14 @@ def preflight(args):
 
 
 def main(argv=None):
+    clock = StartupClock()
     cpu_runtime.apply()
+    clock.mark("CPU runtime")
     args = parse_args(argv)
     try:
         preflight(args)
-        train(args)
+        clock.mark("flags and checks")
+        train(args, clock)
     except COMALError as e:  # every rank raises the same typed error: one clear message and exit 2 on each
         print(f"[comal] error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
