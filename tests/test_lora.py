@@ -227,12 +227,16 @@ def test_lora_trainer_precompute_train_advance_keep_the_base(lora_trainer, tiny_
 # ---------------------------------------------------------------------------------------------- launched
 
 
-def _base_fingerprint_on_disk(path):
-    """The fingerprint ``lora.base_fingerprint`` records, computed from the saved model in bf16 (the run's dtype)."""
+def _base_fingerprints_on_disk(path):
+    """The fingerprint ``lora.base_fingerprint`` records, computed from the saved model in fp32 and in bf16 (the run
+    holds its weights in one of them, depending on the device and the CPU runtime)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    return sum(p.detach().double().pow(2).sum().item() for p in model.parameters())
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        out.append(sum(p.detach().double().pow(2).sum().item() for p in model.parameters()))
+    return out
 
 
 @pytest.mark.parametrize("zero", [2, 3])
@@ -250,8 +254,9 @@ def test_two_rank_lora_comal_advances_the_anchor_adapter(tmp_path, tiny_model, z
     # mu_0 == anchor (both adapters zero) and mu_1 == the advanced anchor: their cached log-probs agree
     assert all(abs(r["logratio_mu_to_anchor"]) < 1e-5 for r in h)
     assert h[0]["margin"] > 1e-3 and abs(h[0]["logratio_to_anchor"]) > 0  # the policy adapter trained
-    expected = _base_fingerprint_on_disk(tiny_model)
-    assert [r["lora_base_fingerprint"] for r in h] == pytest.approx([expected] * 2, rel=1e-9)
+    # the base weights at the end of each iteration are the saved model's (fp32 and bf16 sums differ by ~3e-6)
+    got = [r["lora_base_fingerprint"] for r in h]
+    assert any(got == pytest.approx([fp] * 2, rel=1e-9) for fp in _base_fingerprints_on_disk(tiny_model)), got
     final = tmp_path / "final"
     assert os.path.exists(final / "adapter_config.json") and not os.path.exists(final / "model.safetensors")
     assert not os.path.exists(final / lora.ANCHOR)  # the policy adapter only
@@ -288,3 +293,17 @@ def test_lora_sigkill_mid_iteration_then_resume_restores_the_anchor_adapter(tmp_
     h = history(tmp_path)
     assert [r["iteration"] for r in h] == [0, 1, 2] and [r["anchor_version"] for r in h] == [1, 2, 3]
     assert len({r["lora_base_fingerprint"] for r in h}) == 1
+
+
+@pytest.mark.integration
+def test_demo_with_lora_moves_comal_towards_the_nash(tmp_path):
+    # the demo's game (Nash (4/11, 3/11, 4/11), start gap 0.40) with half the demo's iterations (3 advances): the
+    # LoRA policy's exact duality gap must fall well below the start's. The full demo (24 iterations, --lora 16)
+    # reaches 0.0016 on the machine of the README's figure.
+    cmd = [sys.executable, "-m", "comal_openrlhf.cli.demo", "--out", str(tmp_path / "demo"), "--json", "--algos"]
+    cmd += ["comal", "--lora", "16", "--iterations", "12"]
+    p = run_cmd(cmd, cwd=str(tmp_path), timeout=600)
+    report = json.loads(p.stdout)
+    start, comal = report["start"]["duality_gap"], report["algorithms"]["comal"]
+    assert start > 0.3 and comal["duality_gap"] < 0.1, (start, comal["gaps"])
+    assert comal["invalid_mass"] < 0.1
