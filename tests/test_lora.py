@@ -285,7 +285,7 @@ def test_lora_sigkill_mid_iteration_then_resume_restores_the_anchor_adapter(tmp_
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
-    p = run_cmd(cmd + ["--ckpt.load_enable"], cwd=str(tmp_path))
+    p = run_cmd(cmd + ["--ckpt.load_enable", "--comal.lora_save_merged"], cwd=str(tmp_path))
     assert "resumed: iteration 1, micro-step" in p.stdout and "anchor v1" in p.stdout
     # the restored anchor adapter (v1, the policy after iteration 0) reproduces iteration 1's cached anchor
     # log-probs; a zero adapter (the base) or the policy's adapter (trained past v1) would not
@@ -293,6 +293,15 @@ def test_lora_sigkill_mid_iteration_then_resume_restores_the_anchor_adapter(tmp_
     h = history(tmp_path)
     assert [r["iteration"] for r in h] == [0, 1, 2] and [r["anchor_version"] for r in h] == [1, 2, 3]
     assert len({r["lora_base_fingerprint"] for r in h}) == 1
+    # --comal.lora_save_merged: a plain HF model, the base with the trained adapter merged into the adapted layers
+    from safetensors.torch import load_file
+
+    merged = load_file(str(tmp_path / "final" / "merged" / "model.safetensors"))
+    base = load_file(os.path.join(tiny_model, "model.safetensors"))
+    assert merged.keys() == base.keys()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(merged[q].float(), base[q].float())
+    assert torch.equal(merged["model.embed_tokens.weight"].float(), base["model.embed_tokens.weight"].float())
 
 
 @pytest.mark.integration

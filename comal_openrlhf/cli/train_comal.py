@@ -40,7 +40,7 @@ from comal_openrlhf.training.data import (
     check_dataset_spec,
 )
 from comal_openrlhf.training.logps import LOGPS_KERNELS
-from comal_openrlhf.training.lora import ANCHOR, add_anchor_adapter
+from comal_openrlhf.training.lora import ANCHOR, add_anchor_adapter, save_merged
 from comal_openrlhf.training.online import OnlineSource
 
 
@@ -238,6 +238,13 @@ def add_comal_args(parser):
         action="store_true",
         default=False,
         help="Do not save a DeepSpeed checkpoint at the end of every iteration (then a crash loses iterations)",
+    )
+    g.add_argument(
+        "--comal.lora_save_merged",
+        action="store_true",
+        default=False,
+        help="With --ds.lora.rank > 0: besides the policy adapter in --ckpt.output_dir, write the base model with the "
+        "adapter merged into --ckpt.output_dir/merged (a plain Hugging Face model)",
     )
     return parser
 
@@ -493,6 +500,11 @@ def check_lora(args, strategy):
         strategy.print("[comal] warning: --ref.offload has no effect with LoRA (no reference model is loaded)")
 
 
+def check_merged_flag(args):
+    if args.comal.lora_save_merged and args.ds.lora.rank <= 0:
+        raise PlanError("--comal.lora_save_merged merges a LoRA adapter: it needs --ds.lora.rank > 0")
+
+
 def check_settings(args, plan, strategy):
     """Combinations that cannot work are errors; meaningful ones where one setting wins get a logged warning."""
     if args.ds.ring_attn_size > 1:
@@ -500,6 +512,7 @@ def check_settings(args, plan, strategy):
     if args.model.aux_loss_coef > 0:
         raise PlanError("--model.aux_loss_coef (MoE balancing loss) is not supported by train_comal yet")
     check_lora(args, strategy)
+    check_merged_flag(args)
     if args.comal.round_rollback and not getattr(args.eval, "dataset", None):
         raise PlanError("--comal.round_rollback picks iterates by their held-out loss: it needs --eval.dataset")
     if args.comal.keep_best:
@@ -561,6 +574,8 @@ def train(args):
         trainer = build_trainer(args, strategy, run_dir)
         trainer.fit()
         trainer.save_final(args.ckpt.output_dir)
+        if args.comal.lora_save_merged:
+            on_all_ranks(lambda: save_merged(args.model.model_name_or_path, args.ckpt.output_dir), strategy)
     finally:
         run_dir.unlock()
 

@@ -19,11 +19,14 @@ make the anchor trainable and freeze the policy adapter that the DeepSpeed optim
 
 import contextlib
 import copy
+import os
+import shutil
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from comal_openrlhf.errors import PlanError
+from comal_openrlhf.storage import guarded, publish_dir
 from comal_openrlhf.weights import copy_pairs, unwrap
 
 POLICY = "default"  # the adapter OpenRLHF's Actor creates and trains
@@ -141,3 +144,23 @@ def base_fingerprint(actor):
         dist.all_reduce(box)
         total = box.cpu()
     return total.item()
+
+
+def save_merged(base_path, adapter_dir, name="merged"):
+    """``--comal.lora_save_merged`` (rank 0, after the final save): the base model with the saved policy adapter
+    merged in, as a plain Hugging Face model in ``adapter_dir/name``, read from the files just written (so it does
+    not depend on the ZeRO stage), written in full or not at all (``storage.publish_dir``)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = os.path.join(adapter_dir, name)
+    tmp = out + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with guarded(tmp, "save the merged LoRA model to"):
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
+    os.makedirs(out, exist_ok=True)
+    publish_dir(tmp, out)
+    return out
