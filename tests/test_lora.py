@@ -239,13 +239,14 @@ def _base_fingerprints_on_disk(path):
     return out
 
 
-@pytest.mark.parametrize("zero", [2, 3])
+@pytest.mark.parametrize("zero, kernel", [(2, "auto"), (3, "linear")])  # ZeRO-3: the fused LM-head path too
 @pytest.mark.integration
-def test_two_rank_lora_comal_advances_the_anchor_adapter(tmp_path, tiny_model, zero):
+def test_two_rank_lora_comal_advances_the_anchor_adapter(tmp_path, tiny_model, zero, kernel):
     pairs = make_pairs_dir(tmp_path / "pairs", 2)
     cmd = comal_cmd(torchrun(2), tiny_model, tmp_path, "--comal.pairs_dir", pairs, "--comal.algo", "comal")
     cmd += ["--lr_scheduler", "constant", "--lr_warmup_ratio", "0", "--comal.ref_update_interval", "1"]
     cmd += ["--ds.zero_stage", str(zero), "--ds.lora.rank", "8", "--ds.lora.alpha", "16", "--ckpt.save_hf"]
+    cmd += ["--comal.logps_kernel", kernel]
     p = run_cmd(cmd, cwd=str(tmp_path))
     assert "no reference model is loaded" in p.stdout
     h = history(tmp_path)

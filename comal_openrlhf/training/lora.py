@@ -136,8 +136,9 @@ def base_fingerprint(actor):
             continue
         local = getattr(p, "ds_tensor", None)
         zero3 = zero3 or local is not None
-        t = local if local is not None else p.data
-        total += t.detach().double().pow(2).sum().cpu()
+        t = (local if local is not None else p.data).detach().reshape(-1)
+        for chunk in t.split(1 << 22):  # float64 in chunks: no float64 copy of a whole embedding matrix
+            total += chunk.double().pow(2).sum().cpu()
     if zero3 and dist.is_initialized():
         device = next(unwrap(actor).parameters()).device
         box = total.to(device)
