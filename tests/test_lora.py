@@ -129,6 +129,16 @@ def test_lora_with_another_reference_model_or_vllm_is_refused(tiny_model, tmp_pa
         check_lora(_args(tiny_model, tmp_path, *online), say)
 
 
+@pytest.mark.parametrize("algo", ["iter-dpo", "iter-ipo", "sppo", "inpo", "comal"])
+def test_every_preset_accepts_lora(tiny_model, tmp_path, algo):
+    from comal_openrlhf.cli.train_comal import check_settings, resolve
+
+    args = _args(tiny_model, tmp_path, "--comal.algo", algo, "--comal.ref_update_interval", "1")
+    plan, _ = resolve(args, 1)
+    assert plan.ref_update_interval == 1  # the advance, the step that used to refuse LoRA, is in the plan
+    check_settings(args, plan, SimpleNamespace(print=print))
+
+
 # ------------------------------------------------------------------- the trainer, in process, under ZeRO-3
 
 
