@@ -171,6 +171,8 @@ def run_algo(algo, a, model_dir, prompts, game_spec, out):
         os.path.join(out, "tb"),
     ]
     cmd += ["--logger.wandb.run_name", algo] + algo_flags(algo, a)
+    if a.lora:  # the policy trains a LoRA adapter; the anchor is a second adapter on the same base
+        cmd += ["--ds.lora.rank", str(a.lora), "--ds.lora.alpha", str(a.lora_alpha or 2 * a.lora)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
     with open(os.path.join(work, "train.log"), "w") as log:
@@ -232,6 +234,16 @@ def parse_args(argv=None):
         "fresh "
         "Adam's first steps move every weight by about --lr whatever its gradient, which at the demo's lr 1e-2 can "
         "throw the tiny model's mass off the options); fresh = train_comal's default, a new state per iteration",
+    )
+    p.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        help="LoRA rank of the training runs (--ds.lora.rank; 0 = full weights): the policy trains an adapter and "
+        "COMAL's anchor is a second, frozen adapter on the same base model",
+    )
+    p.add_argument(
+        "--lora-alpha", dest="lora_alpha", type=int, default=None, help="--ds.lora.alpha (default 2 x rank)"
     )
     p.add_argument(
         "--jobs", type=int, default=2, help="algorithms trained in parallel (the results do not depend on it)"
@@ -321,7 +333,7 @@ def run_demo(a):
             results[algo] = (work, hist, secs)
             say(f"[demo] {algo}: {len(hist)} iterations in {secs:.0f} s")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompt_text = tok.apply_chat_template(
@@ -333,7 +345,7 @@ def run_demo(a):
     for algo in algos:
         work, hist, secs = results[algo]
         with deterministic_torch(a.seed):
-            model = AutoModelForCausalLM.from_pretrained(os.path.join(work, "final"))
+            model = load_final(os.path.join(work, "final"), model_dir)
             rep = game_report(model, tok, prompt_text, P, labels)
         curve = [[h["iteration"], h["game_gap"]] for h in hist] + [[len(hist), rep["duality_gap"]]]
         report["algorithms"][algo] = {**rep, "gaps": curve, "seconds": round(secs, 1)}
@@ -356,6 +368,17 @@ def run_demo(a):
         say(f"| {r} | " + " | ".join(f"{report['head_to_head'][r][c]:.3f}" for c in names) + " |")
     say(f"\n[demo] {report['seconds']} s; plot {out}/gap.png, JSON {out}/demo.json")
     return report
+
+
+def load_final(final, base_dir):
+    """A run's final policy: the saved model, or (LoRA) the base with the saved policy adapter merged in."""
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.exists(os.path.join(final, "adapter_config.json")):
+        return AutoModelForCausalLM.from_pretrained(final)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), final).merge_and_unload()
 
 
 def _capability():
