@@ -31,12 +31,22 @@ def unwrap(model):
 
 @torch.no_grad()
 def copy_weights(src, dst):
-    """dst <- src, parameter by parameter (names must match: same architecture, no LoRA adapters)."""
+    """dst <- src, parameter by parameter (names must match: same architecture)."""
     src_params = dict(unwrap(src).named_parameters())
+    pairs = []
     for name, q in unwrap(dst).named_parameters():
         p = src_params.get(name)
         if p is None:
             raise KeyError(f"reference parameter {name} has no counterpart in the policy")
+        pairs.append((p, q))
+    copy_pairs(pairs)
+
+
+@torch.no_grad()
+def copy_pairs(pairs):
+    """q <- p for each (p, q) of ``pairs`` (same shapes), ZeRO-3 aware: the LoRA anchor's advance copies the policy
+    adapter into the anchor adapter of the same module this way."""
+    for p, q in pairs:
         if _is_zero3(p) or _is_zero3(q):
             import deepspeed
 
@@ -48,10 +58,13 @@ def copy_weights(src, dst):
 
 
 @torch.no_grad()
-def state_dict_on_rank0(model):
-    """Full parameters on rank 0 (CPU tensors); an empty dict elsewhere. Gathers ZeRO-3 partitions one by one."""
+def state_dict_on_rank0(model, select=None):
+    """Full parameters on rank 0 (CPU tensors); an empty dict elsewhere. Gathers ZeRO-3 partitions one by one.
+    ``select(name)`` keeps only some parameters (e.g. one LoRA adapter)."""
     out = {}
     for name, p in unwrap(model).named_parameters():
+        if select is not None and not select(name):
+            continue
         if _is_zero3(p):
             import deepspeed
 
@@ -64,9 +77,12 @@ def state_dict_on_rank0(model):
 
 
 @torch.no_grad()
-def load_weights(model, state):
-    """Write a full state dict (read on every rank) into the model in place, ZeRO-3 aware."""
+def load_weights(model, state, select=None):
+    """Write a full state dict (read on every rank) into the model in place, ZeRO-3 aware; with ``select(name)`` only
+    the parameters it keeps (the others are left as they are)."""
     for name, q in unwrap(model).named_parameters():
+        if select is not None and not select(name):
+            continue
         if name not in state:
             raise KeyError(f"anchor file lacks parameter {name}")
         if _is_zero3(q):

@@ -172,7 +172,10 @@ def train_argv(algo, a, model_dir, prompts, game_spec, work, out):
         "--logger.tensorboard_dir",
         os.path.join(out, "tb"),
     ]
-    return cmd + ["--logger.wandb.run_name", algo] + algo_flags(algo, a)
+    cmd += ["--logger.wandb.run_name", algo] + algo_flags(algo, a)
+    if a.lora:  # the policy trains a LoRA adapter; the anchor is a second adapter on the same base
+        cmd += ["--ds.lora.rank", str(a.lora), "--ds.lora.alpha", str(a.lora_alpha or 2 * a.lora)]
+    return cmd
 
 
 # One process per algorithm, forked from a server that imported train_comal's modules once (torch, transformers,
@@ -287,6 +290,16 @@ def parse_args(argv=None):
         "throw the tiny model's mass off the options); fresh = train_comal's default, a new state per iteration",
     )
     p.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        help="LoRA rank of the training runs (--ds.lora.rank; 0 = full weights): the policy trains an adapter and "
+        "COMAL's anchor is a second, frozen adapter on the same base model",
+    )
+    p.add_argument(
+        "--lora-alpha", dest="lora_alpha", type=int, default=None, help="--ds.lora.alpha (default 2 x rank)"
+    )
+    p.add_argument(
         "--jobs", type=int, default=2, help="algorithms trained in parallel (the results do not depend on it)"
     )
     p.add_argument(
@@ -375,7 +388,7 @@ def run_demo(a):
             results[algo] = (work, hist, secs)
             say(f"[demo] {algo}: {len(hist)} iterations in {secs:.0f} s")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompt_text = tok.apply_chat_template(
@@ -387,7 +400,7 @@ def run_demo(a):
     for algo in algos:
         work, hist, secs = results[algo]
         with deterministic_torch(a.seed):
-            model = AutoModelForCausalLM.from_pretrained(os.path.join(work, "final"))
+            model = load_final(os.path.join(work, "final"), model_dir)
             rep = game_report(model, tok, prompt_text, P, labels)
         curve = [[h["iteration"], h["game_gap"]] for h in hist] + [[len(hist), rep["duality_gap"]]]
         report["algorithms"][algo] = {**rep, "gaps": curve, "seconds": round(secs, 1)}
@@ -410,6 +423,17 @@ def run_demo(a):
         say(f"| {r} | " + " | ".join(f"{report['head_to_head'][r][c]:.3f}" for c in names) + " |")
     say(f"\n[demo] {report['seconds']} s; plot {out}/gap.png, JSON {out}/demo.json")
     return report
+
+
+def load_final(final, base_dir):
+    """A run's final policy: the saved model, or (LoRA) the base with the saved policy adapter merged in."""
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.exists(os.path.join(final, "adapter_config.json")):
+        return AutoModelForCausalLM.from_pretrained(final)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), final).merge_and_unload()
 
 
 def _capability():

@@ -41,6 +41,7 @@ from comal_openrlhf.training.data import (
     check_dataset_spec,
 )
 from comal_openrlhf.training.logps import LOGPS_KERNELS
+from comal_openrlhf.training.lora import ANCHOR, add_anchor_adapter, save_merged
 from comal_openrlhf.training.online import OnlineSource
 
 
@@ -248,6 +249,13 @@ def add_comal_args(parser):
         action="store_true",
         default=False,
         help="Do not save a DeepSpeed checkpoint at the end of every iteration (then a crash loses iterations)",
+    )
+    g.add_argument(
+        "--comal.lora_save_merged",
+        action="store_true",
+        default=False,
+        help="With --ds.lora.rank > 0: besides the policy adapter in --ckpt.output_dir, write the base model with the "
+        "adapter merged into --ckpt.output_dir/merged (a plain Hugging Face model)",
     )
     return parser
 
@@ -481,14 +489,41 @@ def settings_table(args, plan, provenance, source):
     return "\n".join(lines)
 
 
+def check_lora(args, strategy):
+    """--ds.lora.rank > 0: the anchor is a second adapter on the policy's base model (training.lora), so the anchor
+    starts as the base model itself; what cannot be combined with that is refused, naming the flags."""
+    if args.ds.lora.rank <= 0:
+        return
+    ref = args.ref.model_name_or_path
+    if ref and ref != args.model.model_name_or_path:
+        raise PlanError(
+            f"--ds.lora.rank {args.ds.lora.rank} with --ref.model_name_or_path {ref}: with LoRA the anchor is a "
+            "second adapter on the policy's base model and starts as that base; drop --ref.model_name_or_path, or "
+            "train without LoRA to start from another reference model"
+        )
+    rollout = getattr(args, "rollout", None)
+    if source_kind(args) == "online" and getattr(rollout, "backend", None) == "vllm":
+        raise PlanError(
+            f"--ds.lora.rank {args.ds.lora.rank} with --rollout.backend vllm: the vLLM engines are fed full weights, "
+            "not adapters; use --rollout.backend hf with LoRA"
+        )
+    if args.ref.offload:
+        strategy.print("[comal] warning: --ref.offload has no effect with LoRA (no reference model is loaded)")
+
+
+def check_merged_flag(args):
+    if args.comal.lora_save_merged and args.ds.lora.rank <= 0:
+        raise PlanError("--comal.lora_save_merged merges a LoRA adapter: it needs --ds.lora.rank > 0")
+
+
 def check_settings(args, plan, strategy):
     """Combinations that cannot work are errors; meaningful ones where one setting wins get a logged warning."""
     if args.ds.ring_attn_size > 1:
         raise PlanError("ring attention (--ds.ring_attn_size > 1) is not supported by train_comal yet")
     if args.model.aux_loss_coef > 0:
         raise PlanError("--model.aux_loss_coef (MoE balancing loss) is not supported by train_comal yet")
-    if plan.ref_update_interval > 0 and args.ds.lora.rank > 0:
-        raise PlanError("reference advances copy full weights; LoRA (--ds.lora.rank > 0) is not supported")
+    check_lora(args, strategy)
+    check_merged_flag(args)
     if args.comal.round_rollback and not getattr(args.eval, "dataset", None):
         raise PlanError("--comal.round_rollback picks iterates by their held-out loss: it needs --eval.dataset")
     if args.comal.keep_best:
@@ -573,6 +608,8 @@ def train(args, clock=None):
         strategy.print(clock.line())
         trainer.fit()
         trainer.save_final(args.ckpt.output_dir)
+        if args.comal.lora_save_merged:
+            on_all_ranks(lambda: save_merged(args.model.model_name_or_path, args.ckpt.output_dir), strategy)
     finally:
         run_dir.unlock()
 
@@ -689,7 +726,7 @@ def build_trainer(args, strategy, run_dir, clock=None):
 
 def _setup_models(args, strategy):
     """The policy (trained, with LoRA and Liger as asked) and the anchor (ref) as OpenRLHF Actors, and the tokenizer,
-    as train_dpo builds them."""
+    as train_dpo builds them. With LoRA the anchor is an adapter on the policy (training.lora) and ref is None."""
     from openrlhf.models import Actor  # after the CPU runtime: see build_trainer
     from openrlhf.utils import get_tokenizer
 
@@ -715,12 +752,21 @@ def _setup_models(args, strategy):
         target_modules=lora.target_modules,
         use_liger_kernel=args.ds.use_liger_kernel,
     )
-    ref_model = actor(args.ref.model_name_or_path, strategy.get_ds_eval_config(offload=args.ref.offload))
-    if args.ref.offload:
-        ref_model._offload = True
+    if lora.rank > 0:  # the anchor is a frozen second adapter on the policy's base: no reference model is loaded
+        add_anchor_adapter(model)
+        ref_model = None
+        strategy.print(
+            f"[comal] LoRA rank {lora.rank}: the anchor is the adapter '{ANCHOR}' on the policy's base model "
+            "(zero at the start: the base model alone); no reference model is loaded"
+        )
+    else:
+        ref_model = actor(args.ref.model_name_or_path, strategy.get_ds_eval_config(offload=args.ref.offload))
+        if args.ref.offload:
+            ref_model._offload = True
     fast = not args.data.disable_fast_tokenizer
     tokenizer = get_tokenizer(args.model.model_name_or_path, model.model, "right", strategy, use_fast=fast)
-    get_tokenizer(args.model.model_name_or_path, ref_model.model, "right", strategy, use_fast=fast)
+    if ref_model is not None:
+        get_tokenizer(args.model.model_name_or_path, ref_model.model, "right", strategy, use_fast=fast)
     if args.model.gradient_checkpointing_enable:
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": args.model.gradient_checkpointing_reentrant}

@@ -11,7 +11,8 @@ prox objectives of arXiv 2410.23223), prompt and padding masked out exactly as O
   computes the log-probs from it and the LM head's weight in token chunks, so the B x L x V logits of the micro-batch
   (the largest tensor of a step at a 128k vocabulary) never exist. Tied embeddings need nothing special (the head's
   weight is the embedding's parameter and receives both gradients); a ZeRO-3 partitioned head is gathered and
-  released by DeepSpeed's hooks on the head module, through which the computation is called.
+  released by DeepSpeed's hooks on the head module, through which the computation is called. A LoRA-wrapped
+  policy (peft) runs its base model, whose layers carry the adapters; an adapter on the LM head itself is refused.
 
 The no-grad precompute pass (policy mu_k and anchor log-probs of every pair, once per iteration) goes through
 ``pair_logps_both``: with ``torch`` / ``triton`` / ``auto`` both models run on the same batch and one call of
@@ -21,6 +22,8 @@ The no-grad precompute pass (policy mu_k and anchor log-probs of every pair, onc
 import contextlib
 
 import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from comal_openrlhf.errors import PlanError
 
@@ -70,8 +73,15 @@ def lm_head_parts(model):
     """(backbone, head) of a Hugging Face causal LM whose logits are exactly head(backbone(...)[0]); ``model`` may be
     wrapped in a DeepSpeed engine (OpenRLHF's strategy replaces ``Actor.model`` by one)."""
     model = getattr(model, "module", model)
+    if isinstance(model, PeftModel):  # LoRA: the HF model whose layers carry the adapters (the active one computes)
+        model = model.get_base_model()
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, BaseTunerLayer):
+        raise PlanError(
+            "--comal.logps_kernel linear with a LoRA adapter on the LM head (--ds.lora.target_modules includes it): "
+            "the fused kernel reads the head's base weight only; use --comal.logps_kernel auto"
+        )
     if backbone is None or head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise PlanError(
             f"--comal.logps_kernel linear needs a causal LM with a backbone and a linear LM head; "

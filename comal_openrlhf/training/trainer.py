@@ -16,7 +16,9 @@ One iteration k, each stage a method of ``COMALTrainer`` named after its step:
 4. ``evaluate``        the held-out prox loss with the anchor as centre (``--eval.dataset`` pairs);
 5. ``round_rollback``  at the end of a round, with ``--comal.round_rollback``, the policy returns to the round's
                        iterate with the lowest stage-4 loss (not the official selection; named for what it does);
-6. ``advance_if_due``  every K iterations the anchor takes the policy's weights, ref <- pi (ZeRO-3 safe);
+6. ``advance_if_due``  every K iterations the anchor takes the policy's weights, ref <- pi (ZeRO-3 safe); with
+                       LoRA the anchor is a frozen second adapter on the policy's base model and the advance copies
+                       the policy adapter into it (comal_openrlhf.training.lora);
 7. ``checkpoint``      the history line and a DeepSpeed checkpoint whose client state restores the loop.
 
 Resuming (``restore``) sets the state these stages read (iteration, step inside it, anchor, the iteration record,
@@ -53,6 +55,7 @@ from comal_openrlhf.errors import BadInputError, NonFiniteLossError, PlanError, 
 from comal_openrlhf.eval.winrate import winrate
 from comal_openrlhf.rollout.sampling import generate
 from comal_openrlhf.storage import append_lines, guarded, publish_dir, save_torch, write_atomic, write_json
+from comal_openrlhf.training import lora
 from comal_openrlhf.training.data import PairDataset
 from comal_openrlhf.training.logps import pair_logps, pair_logps_both
 from comal_openrlhf.weights import copy_weights, load_weights, state_dict_on_rank0
@@ -199,6 +202,27 @@ class COMALTrainer(DPOTrainer):
         self._resumed = None  # (record, stats) of the iteration being resumed
         self._dataset_cache = (None, None)
         self._last_good_tag = _read_latest(args.ckpt.path)  # the checkpoint a resume would load now
+        # LoRA: no reference model; the anchor is the adapter "anchor" on the policy's own base (training.lora)
+        self.lora_anchor = ref_model is None and lora.peft_model(model) is not None
+        if ref_model is None and not self.lora_anchor:
+            raise PlanError("COMALTrainer needs a reference model, or a LoRA policy carrying the anchor adapter")
+        self.base_fingerprint = None  # LoRA: the frozen base weights' fingerprint at the start of fit
+
+    @contextlib.contextmanager
+    def anchor(self):
+        """The anchor as an actor for the forwards inside the block: the reference model, or (LoRA) the policy with
+        its anchor adapter active. Inside the block ``self.model`` is the anchor too: callers use only what it
+        yields, under no_grad."""
+        if self.lora_anchor:
+            with lora.active(self.model, lora.ANCHOR):
+                yield self.model
+        else:
+            yield self.ref_model
+
+    @property
+    def _policy_select(self):
+        """The policy's own parameters (state files of keep_best and round_rollback): with LoRA its adapter only."""
+        return lora.is_policy_param if self.lora_anchor else None
 
     # -------------------------------------------------- inherited API made honest
     @property
@@ -252,6 +276,8 @@ class COMALTrainer(DPOTrainer):
         """The COMAL meta-algorithm (arXiv 2410.23223): for each iteration k, the stages of the module docstring."""
         if self.winrate_probe is not None:
             self.winrate_probe.start(self)
+        if self.lora_anchor:
+            self.base_fingerprint = lora.base_fingerprint(self.model)
         bar = tqdm(
             total=self.plan.iterations,
             initial=self.iteration,
@@ -354,7 +380,13 @@ class COMALTrainer(DPOTrainer):
         loader = self._loader(dataset, shuffle=False, batch_size=self._precompute_batch_size())
         pad = self.tokenizer.pad_token_id
         for batch in tqdm(loader, desc=desc, disable=not self.strategy.is_rank_0(), leave=False):
-            mu_and_ref = pair_logps_both(self.model, self.ref_model, batch, pad, self.settings.logps_kernel)
+            if self.lora_anchor:  # one model, two adapters: the policy's forward, then the anchor's
+                mu_w, mu_l, _ = self._logps(self.model, batch)
+                with self.anchor() as ref:
+                    ref_w, ref_l, _ = self._logps(ref, batch)
+                mu_and_ref = (mu_w, mu_l, ref_w, ref_l)
+            else:
+                mu_and_ref = pair_logps_both(self.model, self.ref_model, batch, pad, self.settings.logps_kernel)
             idx.append(batch[-1])
             vals.append(torch.stack(mu_and_ref).float())
         mine = (torch.cat(idx), torch.cat(vals, 1).cpu()) if idx else (torch.empty(0, dtype=torch.long), None)
@@ -429,7 +461,8 @@ class COMALTrainer(DPOTrainer):
         )
         sums, count = {}, 0
         self.model.train()
-        self.ref_model.eval()
+        if self.ref_model is not None:
+            self.ref_model.eval()
         while self.micro_step < micro_total:
             epoch, done = divmod(self.micro_step, per_pass)
             loader = self._loader(dataset, True, epoch=k * 1000 + epoch, consumed=done * mb * self.world)
@@ -471,7 +504,7 @@ class COMALTrainer(DPOTrainer):
         best["last_loss"], best["last_step"] = loss, step
         if loss < best["loss"]:
             best["loss"], best["step"] = loss, step
-            state = state_dict_on_rank0(self.model)
+            state = state_dict_on_rank0(self.model, self._policy_select)
             if self.strategy.is_rank_0():
                 os.makedirs(self.state_dir, exist_ok=True)
                 save_torch({"iteration": k, "step": step, "state": state}, self.best_path)
@@ -494,7 +527,7 @@ class COMALTrainer(DPOTrainer):
                     f"{self.best_path} holds iteration {saved['iteration']} step {saved['step']}, "
                     f"not the kept iteration {k} step {best['step']}"
                 )
-            load_weights(self.model, saved["state"])
+            load_weights(self.model, saved["state"], self._policy_select)
             refresh = getattr(self.optimizer, "refresh_fp32_params", None)
             if refresh is not None:  # DeepSpeed keeps fp32 master weights beside the bf16 module
                 refresh()
@@ -605,7 +638,8 @@ class COMALTrainer(DPOTrainer):
             pw, pl, _ = self._logps(self.model, batch)
             pb = record.batch(batch[-1]).to(pw.device)
             if centre == "anchor":  # log mu := log ref, so log C = log ref for every r
-                rw, rl, _ = self._logps(self.ref_model, batch)
+                with self.anchor() as ref:
+                    rw, rl, _ = self._logps(ref, batch)
                 pb = replace(pb, logp_mu_chosen=rw, logp_mu_rejected=rl, logp_ref_chosen=rw, logp_ref_rejected=rl)
             loss, cr, rr = self.loss_fn(pw, pl, pb, reduction_size=1)
             loss_sum += loss.item()
@@ -627,7 +661,7 @@ class COMALTrainer(DPOTrainer):
         path = os.path.join(self.state_dir, "best_of_round.pt")
         if self.best is None or loss < self.best[0]:
             self.best = (loss, k)
-            state = state_dict_on_rank0(self.model)
+            state = state_dict_on_rank0(self.model, self._policy_select)
             if self.strategy.is_rank_0():
                 os.makedirs(self.state_dir, exist_ok=True)
                 save_torch(state, path)
@@ -637,7 +671,7 @@ class COMALTrainer(DPOTrainer):
             if best_k != k:
                 if dist.is_initialized():
                     dist.barrier()
-                load_weights(self.model, torch.load(path, map_location="cpu", weights_only=True))
+                load_weights(self.model, torch.load(path, map_location="cpu", weights_only=True), self._policy_select)
                 refresh = getattr(self.optimizer, "refresh_fp32_params", None)
                 if refresh is not None:  # DeepSpeed keeps fp32 master weights beside the bf16 module
                     refresh()
@@ -652,10 +686,16 @@ class COMALTrainer(DPOTrainer):
         log-probs right away: a write lost under ZeRO-3 would show here. Returns (advanced, max abs difference)."""
         if not self.plan.advance_after(k):
             return False, None
-        copy_weights(self.model, self.ref_model)
+        if self.lora_anchor:  # the policy adapter into the anchor adapter: megabytes, not the model
+            lora.advance(self.model)
+        else:
+            copy_weights(self.model, self.ref_model)
         err = self._check_advance(record) if record is not None else None
         self.anchor_version += 1
-        state = state_dict_on_rank0(self.ref_model)
+        if self.lora_anchor:  # the anchor file holds the anchor adapter only
+            state = state_dict_on_rank0(self.model, lora.is_anchor_param)
+        else:
+            state = state_dict_on_rank0(self.ref_model)
         if self.strategy.is_rank_0():
             os.makedirs(self.state_dir, exist_ok=True)
             save_torch(state, self.anchor_path(self.anchor_version))
@@ -671,7 +711,8 @@ class COMALTrainer(DPOTrainer):
         batch = next(iter(self._loader(self._dataset(record.pairs), shuffle=False)))
         self.model.eval()
         pw, pl, _ = self._logps(self.model, batch)
-        rw, rl, _ = self._logps(self.ref_model, batch)
+        with self.anchor() as ref:
+            rw, rl, _ = self._logps(ref, batch)
         self.model.train()
         err = torch.stack([pw - rw, pl - rl]).abs().max().float()
         if self.world > 1:
@@ -699,6 +740,13 @@ class COMALTrainer(DPOTrainer):
             line["pair_weight_max"] = record.weight.max().item()
         if advance_err is not None:
             line["advance_max_abs_diff"] = advance_err
+        if self.lora_anchor:  # the frozen base must never change (only the two adapters do)
+            line["lora_base_fingerprint"] = fingerprint = lora.base_fingerprint(self.model)
+            if fingerprint != self.base_fingerprint:
+                raise RuntimeError(
+                    f"the LoRA base weights changed during iteration {k} (fingerprint {self.base_fingerprint} -> "
+                    f"{fingerprint}); only the adapters may"
+                )
         line.update(logs)
         line.update({n: v for n, v in stats.items() if isinstance(v, (int, float))})
         line.update(stats.get("skips", {}))
@@ -744,7 +792,8 @@ class COMALTrainer(DPOTrainer):
             self._last_good_tag = tag
         if self.save_hf_ckpt:
             with guarded(os.path.join(args.ckpt.path, f"{tag}_hf"), "save the HF checkpoint"):
-                self.strategy.save_model(self.model, self.tokenizer, os.path.join(args.ckpt.path, f"{tag}_hf"))
+                path = os.path.join(args.ckpt.path, f"{tag}_hf")
+                self.strategy.save_model(self.model, self.tokenizer, path, **self._save_kwargs())
         self.strategy.print(
             f"[comal] checkpoint saved ({reason}): iteration {self.iteration}, micro-step {self.micro_step}, "
             f"global step {self.global_step}, anchor v{self.anchor_version}",
@@ -762,7 +811,7 @@ class COMALTrainer(DPOTrainer):
         error = None
         try:
             with guarded(tmp, "save the final model to"):
-                self.strategy.save_model(self.model, self.tokenizer, tmp)
+                self.strategy.save_model(self.model, self.tokenizer, tmp, **self._save_kwargs())
         except StorageError as e:  # only rank 0 writes; it left save_model before the barrier the others wait in
             error = e
             if dist.is_initialized():
@@ -780,6 +829,11 @@ class COMALTrainer(DPOTrainer):
             error = box[0]
         if error is not None:
             raise error
+
+    def _save_kwargs(self):
+        """With LoRA, OpenRLHF's save_model writes the peft adapter (as its own LoRA path does): the policy adapter
+        only, not the anchor's (which lives in the anchor files beside the checkpoints)."""
+        return {"selected_adapters": [lora.POLICY]} if self.lora_anchor else {}
 
     def _drop_partial_checkpoint(self, tag):
         """After a failed save: remove the half-written tag folder and point ``latest`` back at the last complete
@@ -842,7 +896,11 @@ class COMALTrainer(DPOTrainer):
             path = self.anchor_path(self.anchor_version)
             if not os.path.exists(path):
                 raise PlanError(f"resume needs the anchor {path}, which is missing")
-            load_weights(self.ref_model, torch.load(path, map_location="cpu", weights_only=True))
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if self.lora_anchor:
+                load_weights(self.model, state, lora.is_anchor_param)
+            else:
+                load_weights(self.ref_model, state)
         if self.micro_step > 0:
             path = self.iter_state_path(self.iteration)
             if not os.path.exists(path):
@@ -868,7 +926,8 @@ class COMALTrainer(DPOTrainer):
     def _check_anchor(self, record):
         """After a resume: the anchor must reproduce the record's cached reference log-probs."""
         batch = next(iter(self._loader(self._dataset(record.pairs), shuffle=False)))
-        ref_w, ref_l, _ = self._logps(self.ref_model, batch)
+        with self.anchor() as ref:
+            ref_w, ref_l, _ = self._logps(ref, batch)
         cached = record.batch(batch[-1])
         got = torch.stack([ref_w, ref_l]).float().cpu()
         err = (got - torch.stack([cached.logp_ref_chosen, cached.logp_ref_rejected])).abs().max().item()
@@ -923,7 +982,8 @@ class WinrateProbe:
 
     def __call__(self, trainer):
         mine = self._generate(trainer, trainer.model)
-        anchor = self._generate(trainer, trainer.ref_model)
+        with trainer.anchor() as ref:
+            anchor = self._generate(trainer, ref)
         box = [None]
         if trainer.strategy.is_rank_0():
             logs = {}
