@@ -32,6 +32,7 @@ from comal_openrlhf.judges import build_judge
 from comal_openrlhf.rollout.sampling import generate, num_calls
 from comal_openrlhf.rollout.vllm_engines import VLLMSampler
 from comal_openrlhf.training.data import IterationSource, PromptFormatter, fitting_prompts, load_prompts, prompt_window
+from comal_openrlhf.training.peers import serial_group
 
 
 def _rank_world():
@@ -161,8 +162,8 @@ class OnlineSource(IterationSource):
             )
             counters = {f"judge_{name}": v for name, v in self.judge.stats().items()}  # e.g. remote retries
             payload = [(pairs, {**pstats.as_dict(), **counters})]
-        if world > 1:
-            dist.broadcast_object_list(payload, src=0)
+        if world > 1:  # the other ranks waited for rank 0's sampling and judging: the serial phases' bound
+            dist.broadcast_object_list(payload, src=0, group=serial_group())
         pairs, pstats = payload[0]
         stats = {"source": f"{self.label} iteration {k}", **{f"rollout_{key}": v for key, v in pstats.items()}}
         if self.exact_game is not None:

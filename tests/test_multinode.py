@@ -1,0 +1,177 @@
+"""``train_comal`` past one machine, run for real on one: two torchrun launchers with ``--nnodes 2`` (``--node_rank``
+0 and 1) rendezvousing on 127.0.0.1 take the same code path as two hosts (torch.distributed over gloo, ZeRO-3 through
+DeepSpeed). A two-node run trains exactly as one node of two processes; a node lost mid-iteration stops the survivor
+within the bound, with one line naming the lost node, and a relaunch of both nodes resumes with nothing lost or
+listed twice. The command lines are those of examples/recipes/comal_llama3_8b_multinode.sh (LAUNCHER=torchrun)."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from _util import free_port, torchrun
+from test_train_comal import comal_cmd, history, make_pairs_dir
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def node_launcher(node_rank, port, nnodes=2):
+    """One node's launch, as the recipe runs it on each host (there with --nproc_per_node 8 and the head's address)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc_per_node", "1",
+            "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port)]  # fmt: skip
+
+
+def start_nodes(cmd_of, cwd):
+    """Start both nodes' launchers, each in its own process group; their output is collected by threads."""
+    port = free_port()
+    nodes = []
+    for r in (0, 1):
+        p = subprocess.Popen(
+            cmd_of(node_launcher(r, port)),
+            cwd=cwd,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        p.lines = []
+        p.pump = threading.Thread(target=lambda p=p: p.lines.extend(iter(p.stdout.readline, "")), daemon=True)
+        p.pump.start()
+        nodes.append(p)
+    return nodes
+
+
+def wait_nodes(nodes, timeout):
+    deadline = time.time() + timeout
+    for p in nodes:
+        try:
+            p.wait(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            kill_node(p)
+            p.wait()
+        p.pump.join(timeout=10)
+    return [p.returncode for p in nodes]
+
+
+def kill_node(p):
+    """A node lost: SIGKILL to the launcher's process group and to its workers (torchrun starts each worker in a
+    session of its own, so killing the launcher's group alone would leave the worker training as an orphan)."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(p.pid)] + psutil.Process(p.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    os.killpg(p.pid, signal.SIGKILL)
+    for q in procs:
+        try:
+            q.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def output(p):
+    return "".join(p.lines)
+
+
+# A run of 3 iterations, the anchor advanced after iteration 1; the 8 pairs differ, so which rank holds which pair
+# (ZeRO-3 shards the parameters, the sampler the data) shows in the result if the two launches split them differently.
+ROWS = [
+    {"prompt": f"question {i} pick one ?", "chosen": f"yes good {i}", "rejected": f"no bad {i % 3}"} for i in range(8)
+]
+RUN = ["--comal.algo", "comal", "--comal.ref_update_interval", "2", "--ds.zero_stage", "3",
+       "--lr_scheduler", "constant", "--lr_warmup_ratio", "0"]  # fmt: skip
+VOLATILE = {"seconds", "precompute_s"}  # wall-clock figures
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+@pytest.mark.integration
+def test_two_nodes_train_exactly_as_one_node_of_two_processes(tmp_path, tiny_model):
+    pairs = make_pairs_dir(tmp_path / "pairs", 3, rows=ROWS)
+    one, two = tmp_path / "one", tmp_path / "two"
+    p = subprocess.run(
+        comal_cmd(torchrun(2), tiny_model, one, "--comal.pairs_dir", pairs, *RUN),
+        cwd=str(tmp_path),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    nodes = start_nodes(
+        lambda launcher: comal_cmd(launcher, tiny_model, two, "--comal.pairs_dir", pairs, *RUN), tmp_path
+    )
+    assert wait_nodes(nodes, 300) == [0, 0], output(nodes[0])[-3000:] + output(nodes[1])[-3000:]
+    # both launchers formed one world of 2: the settings table (rank 0, node 0) counts both processes
+    assert "world size 2" in output(nodes[0]), output(nodes[0])[-3000:]
+
+    h1, h2 = history(one), history(two)
+    assert [r["iteration"] for r in h2] == [0, 1, 2] and [r["advanced"] for r in h2] == [False, True, False]
+    for a, b in zip(h1, h2):
+        assert a.keys() == b.keys()
+        for key in a.keys() - VOLATILE:
+            # the same world (2 ranks, the same ranks' shards, the same gloo reductions in the same order): the two
+            # launches compute the same floating-point operations, so fp32 figures agree to the last bits; 1e-6
+            # relative is the room a different reduction order would need (fp32 eps 1.2e-7 times a few additions)
+            if isinstance(a[key], float):
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (key, a, b)
+            else:
+                assert b[key] == a[key], (key, a, b)
+    w1, w2 = _weights(one / "final"), _weights(two / "final")
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        # bf16 weights: one ulp is 2**-8 relative; identical computations give identical bits (0 was measured)
+        diff = (w1[name].float() - w2[name].float()).abs().max().item()
+        assert diff <= 2**-8 * w1[name].float().abs().max().item(), (name, diff)
+
+
+@pytest.mark.parametrize("lost", [0, 1])  # the head node (rank 0, the rendezvous store, the run lock) or the other
+@pytest.mark.integration
+def test_lost_node_stops_the_survivor_with_one_line_then_both_nodes_resume(tmp_path, tiny_model, lost):
+    pairs = make_pairs_dir(tmp_path / "pairs", 3, n=16)
+    run = ["--comal.pairs_dir", pairs, "--comal.algo", "comal", "--comal.ref_update_interval", "1",
+           "--ds.zero_stage", "3", "--ckpt.save_steps", "2", "--train.max_epochs", "2"]  # fmt: skip
+    nodes = start_nodes(lambda launcher: comal_cmd(launcher, tiny_model, tmp_path, *run), tmp_path)
+    deadline = time.time() + 240
+    while not any("checkpoint saved (step): iteration 1" in line for line in list(nodes[0].lines)):
+        assert time.time() < deadline and nodes[0].poll() is None, output(nodes[0])[-3000:]
+        time.sleep(0.05)
+    kill_node(nodes[lost])  # in the middle of iteration 1 (8 micro-steps per epoch, 2 epochs)
+    killed_at = time.time()
+    survivor = nodes[1 - lost]
+    rc = wait_nodes([survivor], 200)[0]
+    took = time.time() - killed_at
+    wait_nodes([nodes[lost]], 10)
+    out = output(survivor)
+    print(f"survivor (node {1 - lost}) exited {rc} after {took:.1f} s")
+    assert rc != 0, out[-3000:]
+    # bounded: gloo reports the closed connection at once (measured 6-8 s to the launcher's exit on 2 shared cores);
+    # the --comal.dist_timeout default (180 s) bounds a peer that hangs instead
+    assert took < 120, (took, out[-3000:])
+    errors = [line for line in out.splitlines() if line.startswith("[comal] error:")]
+    assert len(errors) == 1, out[-3000:]
+    assert f"lost node {lost} (" in errors[0] and f"rank {lost})" in errors[0], errors[0]
+    assert "--ckpt.load_enable" in errors[0]
+    assert "[rank" not in out  # the worker's own traceback is replaced by the one line
+    assert [r["iteration"] for r in history(tmp_path)] == [0]
+
+    nodes = start_nodes(
+        lambda launcher: comal_cmd(launcher, tiny_model, tmp_path, *run, "--ckpt.load_enable"), tmp_path
+    )
+    assert wait_nodes(nodes, 300) == [0, 0], output(nodes[0])[-3000:] + output(nodes[1])[-3000:]
+    head = output(nodes[0])
+    assert "resumed: iteration 1, micro-step" in head and "anchor v1" in head
+    if lost == 0:  # the head's run lock was left by a dead process on this host: reported, then taken over
+        assert "taking over a stale lock" in head
+    h = history(tmp_path)
+    assert [r["iteration"] for r in h] == [0, 1, 2]  # none lost, none listed twice
+    assert [r["anchor_version"] for r in h] == [1, 2, 3]
