@@ -5,6 +5,7 @@ within the bound, with one line naming the lost node, and a relaunch of both nod
 listed twice. The command lines are those of examples/recipes/comal_llama3_8b_multinode.sh (LAUNCHER=torchrun)."""
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import threading
 import time
 
 import pytest
-from _util import free_port, torchrun
+from _util import REPO, free_port, torchrun
 from test_train_comal import comal_cmd, history, make_pairs_dir
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -175,3 +176,23 @@ def test_lost_node_stops_the_survivor_with_one_line_then_both_nodes_resume(tmp_p
     h = history(tmp_path)
     assert [r["iteration"] for r in h] == [0, 1, 2]  # none lost, none listed twice
     assert [r["anchor_version"] for r in h] == [1, 2, 3]
+
+
+def test_recipe_launches_each_node_as_the_tests_do_with_slurm_mapped_onto_torchrun():
+    script = os.path.join(REPO, "examples", "recipes", "comal_llama3_8b_multinode.sh")
+    env = {**os.environ, "DRY_RUN": "1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "3", "SLURM_PROCID": "2",
+           "MASTER_ADDR": "10.1.2.3", "RESUME": "1"}  # fmt: skip
+    p = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    (line,) = p.stdout.splitlines()
+    tokens = shlex.split(line)
+    launcher = tokens[: tokens.index("-m")]
+    assert launcher[0] == "torchrun"
+    got = dict(zip(launcher[1::2], launcher[2::2]))
+    assert got == {"--nnodes": "3", "--nproc_per_node": "8", "--node_rank": "2", "--master_addr": "10.1.2.3",
+                   "--master_port": "29500"}  # fmt: skip
+    tested = node_launcher(1, 1234)
+    tested = tested[tested.index("torch.distributed.run") + 1 :]
+    assert set(tested[0::2]) == set(got)  # the same torchrun flags the two-node tests launch with
+    assert tokens[tokens.index("-m") + 1] == "openrlhf.cli.train_comal"
+    assert {"--ckpt.load_enable", "--comal.dist_timeout", "--ds.zero_stage"} <= set(tokens)
