@@ -58,21 +58,29 @@ def wait_nodes(nodes, timeout):
     return [p.returncode for p in nodes]
 
 
-def kill_node(p):
+def kill_node(p, sig=signal.SIGKILL):
     """A node lost: SIGKILL to the launcher's process group and to its workers (torchrun starts each worker in a
-    session of its own, so killing the launcher's group alone would leave the worker training as an orphan)."""
+    session of its own, so killing the launcher's group alone would leave the worker training as an orphan); SIGSTOP
+    instead: a node that hangs with its connections open."""
     import psutil
 
     try:
         procs = [psutil.Process(p.pid)] + psutil.Process(p.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return
-    os.killpg(p.pid, signal.SIGKILL)
+    os.killpg(p.pid, sig)
     for q in procs:
         try:
-            q.send_signal(signal.SIGKILL)
+            q.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
+
+
+def wait_for_line(p, text, timeout=240):
+    deadline = time.time() + timeout
+    while not any(text in line for line in list(p.lines)):
+        assert time.time() < deadline and p.poll() is None, output(p)[-3000:]
+        time.sleep(0.05)
 
 
 def output(p):
@@ -142,10 +150,7 @@ def test_lost_node_stops_the_survivor_with_one_line_then_both_nodes_resume(tmp_p
     run = ["--comal.pairs_dir", pairs, "--comal.algo", "comal", "--comal.ref_update_interval", "1",
            "--ds.zero_stage", "3", "--ckpt.save_steps", "2", "--train.max_epochs", "2"]  # fmt: skip
     nodes = start_nodes(lambda launcher: comal_cmd(launcher, tiny_model, tmp_path, *run), tmp_path)
-    deadline = time.time() + 240
-    while not any("checkpoint saved (step): iteration 1" in line for line in list(nodes[0].lines)):
-        assert time.time() < deadline and nodes[0].poll() is None, output(nodes[0])[-3000:]
-        time.sleep(0.05)
+    wait_for_line(nodes[0], "checkpoint saved (step): iteration 1")
     kill_node(nodes[lost])  # in the middle of iteration 1 (8 micro-steps per epoch, 2 epochs)
     killed_at = time.time()
     survivor = nodes[1 - lost]
@@ -176,6 +181,31 @@ def test_lost_node_stops_the_survivor_with_one_line_then_both_nodes_resume(tmp_p
     h = history(tmp_path)
     assert [r["iteration"] for r in h] == [0, 1, 2]  # none lost, none listed twice
     assert [r["anchor_version"] for r in h] == [1, 2, 3]
+
+
+@pytest.mark.integration
+def test_hung_node_stops_the_survivor_after_dist_timeout(tmp_path, tiny_model):
+    pairs = make_pairs_dir(tmp_path / "pairs", 2, n=16)
+    run = ["--comal.pairs_dir", pairs, "--ds.zero_stage", "3", "--ckpt.save_steps", "2", "--train.max_epochs", "2",
+           "--comal.dist_timeout", "15"]  # fmt: skip
+    nodes = start_nodes(lambda launcher: comal_cmd(launcher, tiny_model, tmp_path, *run), tmp_path)
+    try:
+        wait_for_line(nodes[0], "checkpoint saved (step): iteration 0, micro-step 2")
+        kill_node(nodes[1], signal.SIGSTOP)  # node 1 hangs: its sockets stay open, nothing reports it closed
+        stopped_at = time.time()
+        rc = wait_nodes([nodes[0]], 150)[0]
+        took = time.time() - stopped_at
+    finally:
+        kill_node(nodes[1])
+        wait_nodes([nodes[1]], 10)
+    out = output(nodes[0])
+    print(f"survivor exited {rc} after {took:.1f} s (--comal.dist_timeout 15)")
+    assert rc != 0
+    # the bound is the setting: at least the 15 s wait, then the error and the launcher's exit (measured 32 s)
+    assert 15 <= took < 90, (took, out[-3000:])
+    errors = [line for line in out.splitlines() if line.startswith("[comal] error:")]
+    assert len(errors) == 1 and "lost contact with node 1 (" in errors[0] and "rank 1)" in errors[0], out[-3000:]
+    assert "15000ms" in errors[0]  # gloo's own timeout, from the process group the flag set
 
 
 def test_recipe_launches_each_node_as_the_tests_do_with_slurm_mapped_onto_torchrun():
