@@ -94,7 +94,7 @@ ROWS = [
 ]
 RUN = ["--comal.algo", "comal", "--comal.ref_update_interval", "2", "--ds.zero_stage", "3",
        "--lr_scheduler", "constant", "--lr_warmup_ratio", "0"]  # fmt: skip
-VOLATILE = {"seconds", "precompute_s"}  # wall-clock figures
+VOLATILE = {"seconds", "precompute_s", "train_s", "advance_s"}  # wall-clock figures
 
 
 def _weights(folder):
