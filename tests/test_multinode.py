@@ -313,3 +313,29 @@ def test_vllm_engines_run_on_the_other_node_of_an_existing_two_node_ray_cluster(
     finally:
         stop_ray_cluster(procs)
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_lost_peer_line_names_the_dead_rank_on_this_host_or_the_other_nodes():
+    import socket
+
+    from comal_openrlhf.errors import COMALError
+    from comal_openrlhf.training.peers import Peers
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    host = socket.gethostname()
+    table = [{"rank": 0, "node": 0, "host": host, "pid": os.getpid()},
+             {"rank": 1, "node": 1, "host": host, "pid": dead.pid},
+             {"rank": 2, "node": 1, "host": host, "pid": os.getpid()}]  # fmt: skip
+    cause = RuntimeError(
+        "[/gloo/pair.cc:537] Read error [127.0.0.1]:9110: Connection reset by peer. This is typically"
+    )
+    e = Peers(table, 0).error(cause)
+    assert isinstance(e, COMALError) and "\n" not in str(e)
+    assert str(e).startswith("lost node 1 (") and "rank 1)" in str(e) and "rank 2" not in str(e)
+    assert "Connection reset by peer:" not in str(
+        e
+    ) and "Read error [127.0.0.1]:9110: Connection reset by peer" in str(e)
+    remote = [dict(r, host="elsewhere") if r["node"] == 1 else r for r in table]
+    e = Peers(remote, 0).error(cause)  # another host: named by elimination, every rank of the other node
+    assert str(e).startswith("lost contact with node 1 (elsewhere, ranks 1, 2)")
