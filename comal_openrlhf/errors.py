@@ -9,6 +9,7 @@
     ├── RolloutError       a rollout engine (vLLM) that died, timed out or did not receive the policy's weights
     ├── NonFiniteLossError training produced a NaN/inf loss
     ├── RunLockError       another run holds the checkpoint directory
+    ├── PeerLostError      a rank or node of a distributed run died or stopped answering (names it)
     ├── StorageError       a result could not be written (full disk, read-only folder): names the path and free space
     └── ImpossibleResultError  a computed figure that cannot be (a probability above 1): names what produced it
 """
@@ -44,6 +45,12 @@ class NonFiniteLossError(COMALError):
 
 class RunLockError(COMALError):
     """Another live process holds the run directory (or a stale lock was found)."""
+
+
+class PeerLostError(COMALError):
+    """A peer of a distributed run was lost: a collective failed on a closed connection or waited past
+    ``--comal.dist_timeout``. The message names the lost rank(s) and node; the run resumes with ``--ckpt.load_enable``.
+    """
 
 
 class StorageError(COMALError):

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from datetime import datetime  # noqa: F401  (train_dpo's parser statements use it)
+from datetime import timedelta
 
 from openrlhf.datasets.utils import blending_datasets
 
@@ -43,6 +44,7 @@ from comal_openrlhf.training.data import (
 from comal_openrlhf.training.logps import LOGPS_KERNELS
 from comal_openrlhf.training.lora import ANCHOR, add_anchor_adapter, save_merged
 from comal_openrlhf.training.online import OnlineSource
+from comal_openrlhf.training.peers import DEFAULT_DIST_TIMEOUT_S, DEFAULT_SERIAL_TIMEOUT_S, Peers, is_peer_failure
 
 
 def _train_dpo_main():
@@ -256,6 +258,21 @@ def add_comal_args(parser):
         default=False,
         help="With --ds.lora.rank > 0: besides the policy adapter in --ckpt.output_dir, write the base model with the "
         "adapter merged into --ckpt.output_dir/merged (a plain Hugging Face model)",
+    )
+    g.add_argument(
+        "--comal.dist_timeout",
+        type=float,
+        default=DEFAULT_DIST_TIMEOUT_S,
+        help="Seconds a collective waits for a peer rank before the run stops with an error naming the lost rank "
+        "and node (the torch.distributed process-group timeout; OpenRLHF's own is 60 minutes). A peer that dies "
+        "closes its connections and is reported at once; this bounds a hung peer or a host cut off the network",
+    )
+    g.add_argument(
+        "--comal.serial_timeout",
+        type=float,
+        default=DEFAULT_SERIAL_TIMEOUT_S,
+        help="Seconds the other ranks wait for rank 0's serial phases (vLLM sampling and judging of an online "
+        "iteration) before the run stops as for --comal.dist_timeout",
     )
     return parser
 
@@ -599,19 +616,27 @@ def train(args, clock=None):
 
     clock = clock or StartupClock()
     strategy = get_strategy(args)
-    strategy.setup_distributed()
+    strategy.setup_distributed(timeout=timedelta(seconds=args.comal.dist_timeout))
+    peers = Peers.gather(args.comal.dist_timeout, args.comal.serial_timeout)
+    if len(peers.table) > 1:
+        strategy.print(peers.describe())
     run_dir = RunDirectory(args.ckpt.path, args.ckpt.output_dir, is_rank_0=strategy.is_rank_0())
-    on_all_ranks(lambda: run_dir.lock(say=strategy.print), strategy)  # a second run on the same directories is refused
-    clock.mark("distributed set-up and run lock")
     try:
-        trainer = build_trainer(args, strategy, run_dir, clock)
-        strategy.print(clock.line())
-        trainer.fit()
-        trainer.save_final(args.ckpt.output_dir)
-        if args.comal.lora_save_merged:
-            on_all_ranks(lambda: save_merged(args.model.model_name_or_path, args.ckpt.output_dir), strategy)
-    finally:
-        run_dir.unlock()
+        on_all_ranks(lambda: run_dir.lock(say=strategy.print), strategy)  # a second run here is refused
+        clock.mark("distributed set-up and run lock")
+        try:
+            trainer = build_trainer(args, strategy, run_dir, clock)
+            strategy.print(clock.line())
+            trainer.fit()
+            trainer.save_final(args.ckpt.output_dir)
+            if args.comal.lora_save_merged:
+                on_all_ranks(lambda: save_merged(args.model.model_name_or_path, args.ckpt.output_dir), strategy)
+        finally:
+            run_dir.unlock()
+    except Exception as e:  # a peer lost mid-collective: one error naming it, not the transport's traceback
+        if isinstance(e, COMALError) or not is_peer_failure(e):
+            raise
+        raise peers.error(e) from None
 
 
 class StartupClock:
@@ -885,6 +910,10 @@ def preflight(args):
         raise _number_error("--max_norm", args.max_norm, "a finite number >= 0 (0 = no clipping)")
     if not (math.isfinite(args.lr_warmup_ratio) and 0 <= args.lr_warmup_ratio <= 1):
         raise _number_error("--lr_warmup_ratio", args.lr_warmup_ratio, "in [0, 1]")
+    for flag, value in (("--comal.dist_timeout", args.comal.dist_timeout),
+                        ("--comal.serial_timeout", args.comal.serial_timeout)):  # fmt: skip
+        if not (math.isfinite(value) and value > 0):
+            raise _number_error(flag, value, "a number of seconds > 0")
     if ro is not None and source_kind(args) == "online":
         low = 0.0 if ro.backend == "vllm" else None  # vLLM: temperature 0 is greedy; HF sampling needs T > 0
         if not (math.isfinite(ro.temperature) and (ro.temperature > 0 or ro.temperature == low)):

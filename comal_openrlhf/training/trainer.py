@@ -295,10 +295,14 @@ class COMALTrainer(DPOTrainer):
             else:
                 pairs, stats = self.collect_pairs(k)
                 record = self.precompute(k, pairs, stats) if pairs else None
+            t1 = time.time()
             logs = self.train(k, record) if record is not None else {}
+            logs["train_s"] = round(time.time() - t1, 3)
             logs.update(self.evaluate())
             logs.update(self.round_rollback(k, logs))
+            t1 = time.time()
             advanced, advance_err = self.advance_if_due(k, record)
+            logs["advance_s"] = round(time.time() - t1, 3)
             self.checkpoint(k, record, logs, stats, advanced, advance_err, t0)
             bar.set_postfix(loss=logs.get("loss", float("nan")))
             bar.update()
@@ -778,6 +782,7 @@ class COMALTrainer(DPOTrainer):
 
     def save_checkpoint(self, reason):
         args = self.args
+        t0 = time.time()
         tag = f"iter{self.iteration:03d}_step{self.micro_step:06d}"
         if not self.disable_ds_ckpt:
             try:
@@ -796,7 +801,7 @@ class COMALTrainer(DPOTrainer):
                 self.strategy.save_model(self.model, self.tokenizer, path, **self._save_kwargs())
         self.strategy.print(
             f"[comal] checkpoint saved ({reason}): iteration {self.iteration}, micro-step {self.micro_step}, "
-            f"global step {self.global_step}, anchor v{self.anchor_version}",
+            f"global step {self.global_step}, anchor v{self.anchor_version} ({time.time() - t0:.2f} s)",
         )
 
     def save_final(self, output_dir):
