@@ -41,6 +41,7 @@ import traceback
 
 import numpy as np
 
+from comal_openrlhf.cli import train_comal
 from comal_openrlhf.cli.common import json_stdout
 from comal_openrlhf.core.game import duality_gap, solve_nash
 from comal_openrlhf.core.matrix import load_matrix
@@ -195,8 +196,6 @@ def _train_process(argv, work):
     sys.stdout.reconfigure(line_buffering=True)
     sys.argv = ["train_comal"] + argv
     print("$ python -m openrlhf.cli.train_comal " + shlex.join(argv), flush=True)
-    from comal_openrlhf.cli import train_comal  # preloaded by the server: no import cost here
-
     try:
         train_comal.main(argv)
     except SystemExit as e:
