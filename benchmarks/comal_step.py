@@ -45,8 +45,9 @@ def main():
     p.add_argument("--precompute-batch", dest="precompute_batch", type=int, default=None,
                    help="--comal.precompute_batch_size: pairs per micro-batch of the precompute pass (default: "
                    "--micro-batch)")  # fmt: skip
-    p.add_argument("--iteration-pairs", dest="iteration_pairs", type=int, default=16,
-                   help="pairs of the whole-iteration timing (at most --pairs)")  # fmt: skip
+    p.add_argument("--iteration-pairs", dest="iteration_pairs", type=int, default=None,
+                   help="pairs of the whole-iteration timing (at most --pairs; default: 16, or --pairs if "
+                   "fewer)")  # fmt: skip
     p.add_argument("--epochs", type=int, default=3, help="passes over the pairs per iteration (official COMAL: 3)")
     p.add_argument("--iteration-repeats", dest="iteration_repeats", type=int, default=3,
                    help="whole iterations timed per row (0: skip the iteration table)")  # fmt: skip
@@ -55,6 +56,8 @@ def main():
                    help="--ds.param_dtype. auto: bf16 on CUDA or a CPU with native bf16, else fp32 (emulated bf16 is "
                    "many times slower), said in one line; --dtype bf16 forces bf16")  # fmt: skip
     a = p.parse_args()
+    if a.iteration_pairs is None:
+        a.iteration_pairs = min(16, a.pairs)
     if not 1 <= a.iteration_pairs <= a.pairs:
         p.error(f"--iteration-pairs {a.iteration_pairs}: must be between 1 and --pairs ({a.pairs})")
 

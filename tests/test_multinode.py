@@ -214,8 +214,10 @@ def test_hung_node_stops_the_survivor_after_dist_timeout(tmp_path, tiny_model):
 
 def test_recipe_launches_each_node_as_the_tests_do_with_slurm_mapped_onto_torchrun():
     script = os.path.join(REPO, "examples", "recipes", "comal_llama3_8b_multinode.sh")
-    env = {**os.environ, "DRY_RUN": "1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "3", "SLURM_PROCID": "2",
-           "MASTER_ADDR": "10.1.2.3", "RESUME": "1"}  # fmt: skip
+    # MASTER_PORT left unset, as in a fresh SLURM job (an in-process test's CPU runtime may have set it to 0 here)
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+    env.update({"DRY_RUN": "1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "3", "SLURM_PROCID": "2",
+                "MASTER_ADDR": "10.1.2.3", "RESUME": "1"})  # fmt: skip
     p = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     (line,) = p.stdout.splitlines()

@@ -242,6 +242,11 @@ def test_step_benchmark_runs_and_reports_ratios(tmp_path):
     p = run_cmd(cmd, cwd=str(tmp_path))
     assert "| OpenRLHF DPOTrainer step (reference recomputed) |" in p.stdout
     assert "comal/DPO step time ratio" in p.stdout and "precompute pass" in p.stdout
+    # the whole iteration (precompute + 3 epochs) against DPOTrainer's, on the 8 pairs: 3 x 2 micro-batches of 4
+    assert "whole iteration: 8 pairs, 3 epochs, micro-batches of 4 pairs (6 training steps)" in p.stdout
+    for row in ("OpenRLHF DPOTrainer (reference recomputed each step)", "COMAL, fused LM-head kernel"):
+        assert f"| {row}" in p.stdout
+    assert p.stdout.count("/DPO iteration ratio: ") == 3
 
 
 @pytest.mark.integration
