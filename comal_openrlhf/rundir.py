@@ -24,7 +24,8 @@ HISTORY = "comal_iterations.jsonl"
 OUTPUT_LOCK = ".comal_run.lock"
 
 
-def _alive(pid):
+def pid_alive(pid):
+    """Whether a process of this id exists on this host (signal 0; one owned by another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -79,7 +80,7 @@ class RunDirectory:
                         f"(since {holder.get('started')}); another run is using {flag}. If that run is gone, delete "
                         "the lock file; else use another folder"
                     ) from None
-                if _alive(int(holder.get("pid", -1))):
+                if pid_alive(int(holder.get("pid", -1))):
                     raise RunLockError(
                         f"another run (process {holder['pid']}, since {holder.get('started')}) is using {flag} "
                         f"(lock {lock_path}); wait for it to finish or use another folder"

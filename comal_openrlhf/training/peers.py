@@ -20,6 +20,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from comal_openrlhf.errors import PeerLostError
+from comal_openrlhf.rundir import pid_alive
 
 DEFAULT_DIST_TIMEOUT_S = 180
 DEFAULT_SERIAL_TIMEOUT_S = 3600
@@ -49,13 +50,7 @@ def _alive(pid: int) -> bool:
             state = f.read().rsplit(")", 1)[1].split()[0]
         return state not in ("Z", "X")  # a killed process nobody reaped yet is dead
     except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid_alive(pid)
 
 
 class Peers:
