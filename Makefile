@@ -9,7 +9,7 @@ demo: install
 	.venv/bin/python -m comal_openrlhf.cli.demo --out comal_demo
 
 test: install
-	.venv/bin/pytest -q
+	.venv/bin/pytest -q --durations=30
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link or a page missing from nav.
 docs: install

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +25,27 @@ def run_cmd(cmd, cwd, timeout=600, env=None):
         tail = (p.stdout + p.stderr)[-6000:]
         raise AssertionError(f"command failed ({p.returncode}): {' '.join(cmd)}\n{tail}")
     return p
+
+
+def kill_at_line(cmd, cwd, marker, timeout=600):
+    """Launch cmd, SIGKILL it as soon as a line of its output contains marker, and return that output. Fails, showing
+    the output's tail, if the process ends before the marker or outlives the kill."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if marker in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(seen)
+    assert proc.returncode == -signal.SIGKILL, f"ended ({proc.returncode}) before {marker!r}:\n{out[-3000:]}"
+    return out
 
 
 def free_port():

@@ -5,16 +5,15 @@ two-iteration runs with an advance on two ranks under ZeRO-2 and ZeRO-3, and a r
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from _util import run_cmd, torchrun
+from _util import kill_at_line, run_cmd, torchrun
+from safetensors.torch import load_file
 from test_train_comal import comal_cmd, history, make_pairs_dir
-from test_trainer_unit import ROWS, _hf_sequence_logps
+from test_trainer_unit import _hf_sequence_logps, build_in_process_trainer
 
 from comal_openrlhf.errors import PlanError
 from comal_openrlhf.training import lora
@@ -148,25 +147,9 @@ def lora_trainer(tmp_path_factory, tiny_model):
     OpenRLHF Actors it constructed."""
     from comal_openrlhf import cpu_runtime
 
-    cpu_runtime.apply()
+    cpu_runtime.apply()  # before OpenRLHF's first import
     import openrlhf.models
-    from openrlhf.utils import get_strategy
 
-    from comal_openrlhf.cli.train_comal import build_trainer, parse_args
-    from comal_openrlhf.rundir import RunDirectory
-
-    tmp = tmp_path_factory.mktemp("lora_unit")
-    pairs = make_pairs_dir(tmp / "pairs", 2, rows=ROWS * 2)
-    argv = ["--model.model_name_or_path", tiny_model, "--comal.pairs_dir", pairs, "--comal.algo", "comal"]
-    argv += ["--comal.ref_update_interval", "1", "--model.beta", "1.0", "--ds.zero_stage", "3"]
-    argv += ["--ds.param_dtype", "fp32", "--train.micro_batch_size", "2", "--train.batch_size", "2"]
-    argv += ["--adam.lr", "1e-2", "--lr_scheduler", "constant", "--lr_warmup_ratio", "0", "--data.prompt_key"]
-    argv += ["prompt", "--data.max_len", "32", "--train.max_epochs", "2", "--comal.logps_kernel", "torch"]
-    argv += ["--ckpt.output_dir", str(tmp / "final"), "--ckpt.path", str(tmp / "ckpt"), "--comal.no_iteration_ckpt"]
-    argv += ["--adam.weight_decay", "0", "--ds.lora.rank", "8", "--ds.lora.alpha", "16"]
-    args = parse_args(argv)
-    strategy = get_strategy(args)
-    strategy.setup_distributed()
     built = []
     init = openrlhf.models.Actor.__init__
 
@@ -176,7 +159,9 @@ def lora_trainer(tmp_path_factory, tiny_model):
 
     openrlhf.models.Actor.__init__ = counting
     try:
-        trainer = build_trainer(args, strategy, RunDirectory(args.ckpt.path, args.ckpt.output_dir))
+        tmp = tmp_path_factory.mktemp("lora_unit")
+        extra = ["--train.max_epochs", 2, "--ds.lora.rank", 8, "--ds.lora.alpha", 16]
+        trainer = build_in_process_trainer(tmp, tiny_model, *extra)
     finally:
         openrlhf.models.Actor.__init__ = init
     return trainer, built
@@ -284,18 +269,7 @@ def test_lora_sigkill_mid_iteration_then_resume_restores_the_anchor_adapter(tmp_
     cmd = comal_cmd([sys.executable], tiny_model, tmp_path, "--comal.pairs_dir", pairs, "--comal.algo", "comal")
     cmd += ["--comal.ref_update_interval", "1", "--ckpt.save_steps", "2", "--train.max_epochs", "2"]
     cmd += ["--ds.lora.rank", "8", "--ds.lora.alpha", "16"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "checkpoint saved (step): iteration 1" in line:
-            proc.send_signal(signal.SIGKILL)  # in the middle of iteration 1, after the first advance
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    kill_at_line(cmd, str(tmp_path), "checkpoint saved (step): iteration 1")  # mid iteration 1, after an advance
     p = run_cmd(cmd + ["--ckpt.load_enable", "--comal.lora_save_merged"], cwd=str(tmp_path))
     assert "resumed: iteration 1, micro-step" in p.stdout and "anchor v1" in p.stdout
     # the restored anchor adapter (v1, the policy after iteration 0) reproduces iteration 1's cached anchor
@@ -305,8 +279,6 @@ def test_lora_sigkill_mid_iteration_then_resume_restores_the_anchor_adapter(tmp_
     assert [r["iteration"] for r in h] == [0, 1, 2] and [r["anchor_version"] for r in h] == [1, 2, 3]
     assert len({r["lora_base_fingerprint"] for r in h}) == 1
     # --comal.lora_save_merged: a plain HF model, the base with the trained adapter merged into the adapted layers
-    from safetensors.torch import load_file
-
     merged = load_file(str(tmp_path / "final" / "merged" / "model.safetensors"))
     base = load_file(os.path.join(tiny_model, "model.safetensors"))
     assert merged.keys() == base.keys()

@@ -5,12 +5,11 @@ import ast
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
-from _util import REPO, free_port, read_scalars, run_cmd, torchrun, write_jsonl
+from _util import REPO, free_port, kill_at_line, read_scalars, run_cmd, torchrun, write_jsonl
 
 FLAGS = [
     "--train.micro_batch_size", "2",
@@ -141,18 +140,8 @@ def test_sigkill_mid_iteration_then_resume(tmp_path, tiny_model):
     pairs = make_pairs_dir(tmp_path / "pairs", 3, n=16)
     cmd = comal_cmd([sys.executable], tiny_model, tmp_path, "--comal.pairs_dir", pairs, "--comal.algo", "comal")
     cmd += ["--comal.ref_update_interval", "1", "--ckpt.save_steps", "2", "--train.max_epochs", "2"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "checkpoint saved (step): iteration 1" in line:
-            proc.send_signal(signal.SIGKILL)  # in the middle of iteration 1 (8 micro-steps per epoch, 2 epochs)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    # killed in the middle of iteration 1 (8 micro-steps per epoch, 2 epochs)
+    kill_at_line(cmd, str(tmp_path), "checkpoint saved (step): iteration 1")
     assert [r["iteration"] for r in history(tmp_path)] == [0]
 
     p = run_cmd(cmd + ["--ckpt.load_enable"], cwd=str(tmp_path))

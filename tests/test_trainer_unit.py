@@ -44,29 +44,34 @@ def test_record_round_trip_and_weights():
         weights_normalised(torch.tensor([0.0, 0.0]))
 
 
-@pytest.fixture(scope="module")
-def trainer(tmp_path_factory, tiny_model):
+def build_in_process_trainer(tmp, tiny_model, *extra):
+    """A COMALTrainer built by train_comal's own parse_args and build_trainer in-process: two iterations of offline
+    pairs, ZeRO-3, fp32, an advance after each iteration, no iteration checkpoints; extra flags are appended."""
     from comal_openrlhf import cpu_runtime
 
-    cpu_runtime.apply()
+    cpu_runtime.apply()  # before OpenRLHF's first import: it patches what breaks on a CPU-only machine
     from openrlhf.utils import get_strategy
 
     from comal_openrlhf.cli.train_comal import build_trainer, parse_args
     from comal_openrlhf.rundir import RunDirectory
 
-    tmp = tmp_path_factory.mktemp("unit")
     pairs = make_pairs_dir(tmp / "pairs", 2, rows=ROWS * 2)
     argv = ["--model.model_name_or_path", tiny_model, "--comal.pairs_dir", pairs, "--comal.algo", "comal"]
     argv += ["--comal.ref_update_interval", "1", "--model.beta", "1.0", "--ds.zero_stage", "3"]
     argv += ["--ds.param_dtype", "fp32", "--train.micro_batch_size", "2", "--train.batch_size", "2"]
     argv += ["--adam.lr", "1e-2", "--lr_scheduler", "constant", "--lr_warmup_ratio", "0", "--data.prompt_key"]
-    argv += ["prompt", "--data.max_len", "32", "--train.max_epochs", "4", "--comal.logps_kernel", "torch"]
+    argv += ["prompt", "--data.max_len", "32", "--comal.logps_kernel", "torch", "--adam.weight_decay", "0"]
     argv += ["--ckpt.output_dir", str(tmp / "final"), "--ckpt.path", str(tmp / "ckpt"), "--comal.no_iteration_ckpt"]
-    argv += ["--comal.batch_unit", "pairs", "--adam.weight_decay", "0"]
-    args = parse_args(argv)
+    args = parse_args(argv + [str(x) for x in extra])
     strategy = get_strategy(args)
     strategy.setup_distributed()
     return build_trainer(args, strategy, RunDirectory(args.ckpt.path, args.ckpt.output_dir))
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("unit")
+    return build_in_process_trainer(tmp, tiny_model, "--train.max_epochs", 4, "--comal.batch_unit", "pairs")
 
 
 def _hf_sequence_logps(path, pair):
