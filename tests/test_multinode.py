@@ -290,14 +290,15 @@ def start_ray_cluster(ray_dir, dashboard_port):
     return address, head + start_ray_node(address, ray_dir)
 
 
-def stop_ray_cluster(procs):
-    """SIGKILL to the cluster's own processes, by pid (``ray stop`` would stop every Ray process of the machine)."""
+def stop_ray_cluster(procs, sig=signal.SIGKILL):
+    """A signal (SIGKILL by default) to the cluster's own processes and their children, by pid (``ray stop`` would
+    stop every Ray process of the machine). SIGSTOP freezes them: a node that hangs rather than dies."""
     import psutil
 
     for q in procs:
         try:
             for c in q.children(recursive=True) + [q]:
-                c.kill()
+                c.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
 
@@ -357,14 +358,18 @@ def test_vllm_engines_run_on_the_other_node_of_an_existing_two_node_ray_cluster(
 
 
 @pytest.mark.integration
-def test_vllm_engine_node_lost_mid_rollout_raises_rollout_error_then_the_resume_samples_that_iteration_again(tmp_path):
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_vllm_engine_node_lost_mid_rollout_raises_rollout_error_then_the_resume_samples_that_iteration_again(
+    tmp_path, how
+):
     """The Ray node that runs the vLLM engine is lost (SIGKILL of that node's Ray processes and of their workers, the
-    engine actor and its engine-core process among them) as iteration 1's rollout begins, right after iteration 0's
-    checkpoint: the trainer stops within the bound with one line, the RolloutError naming the engine (Ray reports the
-    actor dead once its head sees the node gone), and no traceback. A new second node joins, the relaunch with
-    --ckpt.load_enable resumes at iteration 1, pushes mu_1 into the new engine and samples iteration 1 again; every
-    iteration is listed once. One training process: the error is rank 0's (with more ranks, each other rank would add
-    its own line about rank 0 leaving)."""
+    engine actor and its engine-core process among them), or hangs (SIGSTOP of the same processes: nothing closes, so
+    only the head's health checks of the node's raylet can tell), as iteration 1's rollout begins, right after
+    iteration 0's checkpoint: the trainer stops within the bound with one line, the RolloutError naming the engine (Ray
+    reports the actor dead once its head sees the node gone), and no traceback. After the SIGKILL, a new second node
+    joins, the relaunch with --ckpt.load_enable resumes at iteration 1, pushes mu_1 into the new engine and samples
+    iteration 1 again; every iteration is listed once. One training process: the error is rank 0's (with more ranks,
+    each other rank would add its own line about rank 0 leaving)."""
     from test_rollout_vllm import HAVE_VLLM, _require_vllm, _tiny_vllm_llama
 
     if not HAVE_VLLM:
@@ -401,19 +406,21 @@ def test_vllm_engine_node_lost_mid_rollout_raises_rollout_error_then_the_resume_
         collect_output(run)
         # iteration 0 is over and saved; iteration 1 starts with the weight push into the engine, then samples
         wait_for_line(run, "[comal] checkpoint saved (end of iteration): iteration 1,", timeout=300)
-        stop_ray_cluster(node)  # the engine's node is lost
+        stop_ray_cluster(node, getattr(signal, how))  # the engine's node is lost, or hangs
         killed_at = time.time()
         rc = wait_nodes([run], 150)[0]
         took = time.time() - killed_at
         out = output(run)
         errors = [line[line.index("[comal] error:") :] for line in out.splitlines() if "[comal] error:" in line]
-        print(f"train_comal exited {rc} {took:.1f} s after the engine's node was lost: {errors}")
+        print(f"train_comal exited {rc} {took:.1f} s after {how} of the engine's node: {errors}")
         assert rc == 2, out[-3000:]
-        assert took < 120, (took, out[-3000:])
+        assert took < 120, (took, out[-3000:])  # SIGSTOP: Ray's default health checks, about 60 s
         assert len(errors) == 1 and errors[0].startswith("[comal] error: vLLM engine(s) [0] failed while"), out[-3000:]
         assert "Traceback" not in out, out[-3000:]
         first = history(tmp_path)
         assert [r["iteration"] for r in first] == [0]  # the node was lost in iteration 1's rollout
+        if how == "SIGSTOP":
+            return  # the resume is the same as after a SIGKILL: tested once, below
 
         procs += start_ray_node(address, ray_dir)  # a new node takes the lost one's place
         p = subprocess.run(cmd + ["--ckpt.load_enable"], cwd=tmp_path, env=env, capture_output=True, text=True,

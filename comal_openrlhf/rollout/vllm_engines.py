@@ -44,6 +44,7 @@ import hashlib
 import os
 import re
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from datetime import timedelta
@@ -57,6 +58,7 @@ from comal_openrlhf.weights import unwrap
 ENGINE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WORKER_EXTENSION = "comal_openrlhf.rollout.vllm_engines.WorkerExtension"
 GROUP_NAME = "comal"
+CLOSE_TIMEOUT_S = 10.0
 
 
 def _timeout_s():
@@ -376,10 +378,10 @@ class VLLMSampler:
         )
 
     def _while_engines_answer(self, fn, refs, what):
-        """fn() (a blocking rendezvous with the engines) in a thread, watching the engines' calls ``refs``: an
-        engine that fails meanwhile raises RolloutError at once instead of leaving fn waiting for its rank."""
-        import threading
-
+        """fn() (a blocking exchange with the engines: the weight group's rendezvous, a broadcast) in a thread,
+        watching the engines' calls ``refs``: an engine that fails meanwhile raises RolloutError naming it at once,
+        instead of leaving fn waiting for its rank up to COMAL_VLLM_TIMEOUT. That includes an engine whose node hangs:
+        gloo waits on a frozen peer's socket, but Ray fails its calls once the head marks the node dead."""
         import ray
 
         box = {}
@@ -401,6 +403,12 @@ class VLLMSampler:
                 except Exception:
                     self._get(refs, what)  # raises RolloutError naming the failed engines
         if "error" in box:
+            ray.wait(refs, num_returns=len(refs), timeout=5)  # an engine's death often shows here first: name it
+            for r in ray.wait(refs, num_returns=len(refs), timeout=0)[0]:
+                try:
+                    ray.get(r, timeout=0)
+                except Exception:
+                    self._get(refs, what)
             raise RolloutError(f"vLLM weight group: {what} failed: {box['error']}") from box["error"]
         return box["value"]
 
@@ -426,7 +434,8 @@ class VLLMSampler:
                     failed.add(engines[j])
             raise RolloutError(
                 f"vLLM engine(s) {sorted(failed)} failed while {what}: {_reason(e)} "
-                "(the engine actor or its engine-core process died; see the Ray logs, COMAL_VLLM_LOGS=1 shows them)"
+                "(the engine actor, its engine-core process or its node died; see the Ray logs, COMAL_VLLM_LOGS=1 "
+                "shows them)"
             ) from e
 
     def _check_alive(self, what="pushing weights"):
@@ -468,8 +477,6 @@ class VLLMSampler:
             dist.barrier()
 
     def _push(self, name, data, last):
-        import ray
-
         tensor = data.to(self.dtype).contiguous()
         refs = [
             e.update_weight.remote(name, dtype=tensor.dtype, shape=tuple(tensor.shape), empty_cache=last)
@@ -477,12 +484,7 @@ class VLLMSampler:
         ]
         if self.cpu:
             work = self.group.broadcast(tensor, 0)
-            try:
-                work.wait(timedelta(seconds=_timeout_s()))
-            except RuntimeError as e:
-                ray.wait(refs, timeout=5)
-                self._get(refs, f"receiving {name}")  # names the dead engine when there is one
-                raise RolloutError(f"weight broadcast of {name} to the vLLM engines failed: {e}") from e
+            self._while_engines_answer(lambda: work.wait(timedelta(seconds=_timeout_s())), refs, f"receiving {name}")
         else:
             self.group.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
         out = self._get(refs, f"receiving {name}")
@@ -548,9 +550,19 @@ class VLLMSampler:
             return
         for e in self.engines or ():
             ray.kill(e)
-        for pg in self._pgs:
-            ray.util.remove_placement_group(pg)
-        self.engines, self._pgs, self.group = None, [], None
+        pgs, self.engines, self._pgs, self.group = self._pgs, None, [], None
+        if pgs:  # a blocking call to Ray's head, which can wait on a node that hangs: bounded, as every exit is
+
+            def remove():
+                for pg in pgs:
+                    ray.util.remove_placement_group(pg)
+
+            thread = threading.Thread(target=remove, name="comal-vllm-close", daemon=True)
+            thread.start()
+            thread.join(timeout=CLOSE_TIMEOUT_S)
+            if thread.is_alive():
+                print(f"[comal vllm] the engines' placement group was not freed within {CLOSE_TIMEOUT_S:.0f} s (a "
+                      "node that hangs?); Ray frees it when this process leaves the cluster", flush=True)  # fmt: skip
 
     def __del__(self):
         try:
