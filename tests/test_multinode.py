@@ -303,6 +303,18 @@ def stop_ray_cluster(procs, sig=signal.SIGKILL):
             pass
 
 
+def vllm_comal_cmd(launcher, out, model, prompts, batch_size):
+    """Two iterations of online COMAL (the paper's table judge) sampling with one vLLM engine, ZeRO-3, into out."""
+    cmd = launcher + ["-m", "openrlhf.cli.train_comal", "--model.model_name_or_path", model]
+    cmd += ["--comal.source", "online", "--judge.kind", "table", "--judge.table", "paper", "--ds.zero_stage", "3"]
+    cmd += ["--rollout.backend", "vllm", "--vllm.enforce_eager", "--data.dataset", prompts]
+    cmd += ["--data.prompt_key", "prompt", "--data.apply_chat_template", "--data.max_len", "32"]
+    cmd += ["--rollout.n_samples_per_prompt", "8", "--rollout.max_new_tokens", "3", "--comal.iterations", "2"]
+    cmd += ["--train.micro_batch_size", "2", "--train.batch_size", str(batch_size), "--comal.algo", "comal"]
+    cmd += ["--comal.ref_update_interval", "1", "--rollout.pair_rule", "all_soft"]
+    return cmd + ["--ckpt.output_dir", str(out / "final"), "--ckpt.path", str(out / "ckpt")]
+
+
 @pytest.mark.integration
 def test_vllm_engines_run_on_the_other_node_of_an_existing_two_node_ray_cluster(tmp_path):
     """Online COMAL with --rollout.backend vllm against a Ray cluster of two nodes (a head with no CPU to give, a
@@ -327,14 +339,7 @@ def test_vllm_engines_run_on_the_other_node_of_an_existing_two_node_ray_cluster(
     procs = []
     try:
         address, procs = start_ray_cluster(ray_dir, dashboard)
-        cmd = torchrun(2) + ["-m", "openrlhf.cli.train_comal", "--model.model_name_or_path", model]
-        cmd += ["--comal.source", "online", "--judge.kind", "table", "--judge.table", "paper", "--ds.zero_stage", "3"]
-        cmd += ["--rollout.backend", "vllm", "--vllm.enforce_eager", "--data.dataset", prompts]
-        cmd += ["--data.prompt_key", "prompt", "--data.apply_chat_template", "--data.max_len", "32"]
-        cmd += ["--rollout.n_samples_per_prompt", "8", "--rollout.max_new_tokens", "3", "--comal.iterations", "2"]
-        cmd += ["--train.micro_batch_size", "2", "--train.batch_size", "4", "--comal.algo", "comal"]
-        cmd += ["--comal.ref_update_interval", "1", "--rollout.pair_rule", "all_soft"]
-        cmd += ["--ckpt.output_dir", str(tmp_path / "final"), "--ckpt.path", str(tmp_path / "ckpt")]
+        cmd = vllm_comal_cmd(torchrun(2), tmp_path, model, prompts, batch_size=4)
         p = subprocess.run(
             cmd, cwd=str(tmp_path), env={**ENV, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=600
         )
@@ -390,14 +395,7 @@ def test_vllm_engine_node_lost_mid_rollout_raises_rollout_error_then_the_resume_
         address, procs = start_ray_head(ray_dir)
         node = start_ray_node(address, ray_dir)
         procs += node
-        cmd = [sys.executable, "-m", "openrlhf.cli.train_comal", "--model.model_name_or_path", model]
-        cmd += ["--comal.source", "online", "--judge.kind", "table", "--judge.table", "paper", "--ds.zero_stage", "3"]
-        cmd += ["--rollout.backend", "vllm", "--vllm.enforce_eager", "--data.dataset", prompts]
-        cmd += ["--data.prompt_key", "prompt", "--data.apply_chat_template", "--data.max_len", "32"]
-        cmd += ["--rollout.n_samples_per_prompt", "8", "--rollout.max_new_tokens", "3", "--comal.iterations", "2"]
-        cmd += ["--train.micro_batch_size", "2", "--train.batch_size", "2", "--comal.algo", "comal"]
-        cmd += ["--comal.ref_update_interval", "1", "--rollout.pair_rule", "all_soft"]
-        cmd += ["--ckpt.output_dir", str(tmp_path / "final"), "--ckpt.path", str(tmp_path / "ckpt")]
+        cmd = vllm_comal_cmd([sys.executable], tmp_path, model, prompts, batch_size=2)
         env = {**ENV, "RAY_ADDRESS": address}
         run = subprocess.Popen(
             cmd,

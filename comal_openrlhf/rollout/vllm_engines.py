@@ -392,23 +392,20 @@ class VLLMSampler:
             except BaseException as e:  # handed to the caller below
                 box["error"] = e
 
-        thread = threading.Thread(target=run, name="comal-vllm-rendezvous", daemon=True)
-        thread.start()
-        while thread.is_alive():
-            thread.join(timeout=1.0)
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-            for r in done:
+        def raise_if_an_engine_failed(wait_s):
+            for r in ray.wait(refs, num_returns=len(refs), timeout=wait_s)[0]:
                 try:
                     ray.get(r, timeout=0)
                 except Exception:
                     self._get(refs, what)  # raises RolloutError naming the failed engines
+
+        thread = threading.Thread(target=run, name="comal-vllm-exchange", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            raise_if_an_engine_failed(0)
         if "error" in box:
-            ray.wait(refs, num_returns=len(refs), timeout=5)  # an engine's death often shows here first: name it
-            for r in ray.wait(refs, num_returns=len(refs), timeout=0)[0]:
-                try:
-                    ray.get(r, timeout=0)
-                except Exception:
-                    self._get(refs, what)
+            raise_if_an_engine_failed(5)  # an engine's death often shows here first: name it
             raise RolloutError(f"vLLM weight group: {what} failed: {box['error']}") from box["error"]
         return box["value"]
 
